@@ -42,6 +42,15 @@ def register(sub) -> None:
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     stats.set_defaults(handler=_stats)
 
+    preview = cmds.add_parser("preview", help="print rendered instruction samples (prompt and response) for reading")
+    add_dataset_args(preview)
+    preview.add_argument("--task", default="seqrec", help="a training task (seqrec, control, proportion, search, rl), "
+                         "or valid:<name> / test:<name>; a wrong name lists them all")
+    preview.add_argument("-n", type=int, default=5, help="how many samples (default 5)")
+    preview.add_argument("--teacher", required=True, help="a trained teacher directory (`reclm-jax teacher train`)")
+    preview.add_argument("--seed", type=int, default=0)
+    preview.set_defaults(handler=_preview)
+
 
 def _stats(args) -> int:
     ds = dataset_from_args(args)
@@ -57,4 +66,18 @@ def _stats(args) -> int:
     print(f"categories    {s['categories']:,}")
     for note in ds.notes:
         print(f"note: {note}")
+    return 0
+
+
+def _preview(args) -> int:
+    from reclm_jax.cli import UserError
+    from reclm_jax.tasks.preview import preview
+    from reclm_jax.teacher.query import Teacher
+
+    ds = dataset_from_args(args)
+    try:
+        teacher = Teacher.load(args.teacher)
+        print(preview(ds, teacher, args.task, args.n, args.seed))
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
     return 0

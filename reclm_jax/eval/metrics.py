@@ -1,0 +1,199 @@
+"""Evaluation metrics of the paper (section 3), defined exactly, per output list.
+
+Every metric looks at one output: its parsed item ids in order (-1 for an unknown title), the k the
+instruction asked for, and where needed the user's history, the target item, and `in_target` (bool per
+item: it belongs to the instruction's category C; ignored for unknown items). "@K" is always @k, the
+requested count (the paper's @10 for k = 10, and @K = k in the ItemCount test).
+
+Per list:
+- HR@K = 1 if the target is among the first k items, else 0 (an unknown title, id -1, is never a hit).
+- NDCG@K = 1 / log2(p + 2) with p the 0-based position of the target's first occurrence among the first
+  k items, else 0 (one relevant item, so the ideal DCG is 1).
+- TCP@K (Eq. 7) = 100/k * #{i <= k : item_i exists and is in C}. As in Eq. 7, repeats and history items
+  count; RepeatItem@K and InHistory@K report those.
+- Count_in = #{i <= k : item_i exists and is in C} (= k * TCP@K / 100), the count Eq. 8 compares.
+- CPA (Eq. 8) = 100 * 1(Count_in <= k*m) for CP <= m, 1(Count_in >= k*m) for CP >= m,
+  1(|Count_in - k*m| <= 1) for CP ~ m; and 0 when none of the first k items exists (an empty,
+  unparseable or wholly hallucinated list says nothing about its proportion: it fails, never scores).
+- CorrectCount = 100 if the list holds exactly k items (known or not), else 0.
+- RepeatItem@K = 100/k * #{i <= k : item_i is a known item that appeared earlier in the list}.
+- NonExist@K = 100/k * #{i <= k : item_i is unknown}.
+- InHistory@K = 100/k * #{i <= k : item_i is a known item in the user's history}.
+- TC1¬2P@K (Table 7) = TCP@K with C = C1 minus C2 (percent of items in C1 and not in C2).
+- C1 PA (Table 7) = CPA of the "C1 <= m" part (m = 20 % in the paper).
+
+The three formatting rates are per list, over the k requested slots (like Eq. 7's 1/K): each user weighs
+the same, as in HR and NDCG, and a short list is not excused (a missing slot is simply not an error of
+that kind; CorrectCount reports it). Percent like the paper's Tables 3-5; HR and NDCG are fractions
+like its tables. An empty output is a list of 0 items and is never skipped: HR, NDCG, TCP, CPA and
+CorrectCount are 0 for it. `aggregate` averages over lists.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from reclm_jax.eval.controls import KIND_CODE, PROPORTION_KINDS, Control, quota
+from reclm_jax.eval.lists import in_history_mask, pad, repeat_mask, valid_mask
+
+METRICS = ("HR@K", "NDCG@K", "TCP@K", "CPA", "CorrectCount", "RepeatItem@K", "NonExist@K", "InHistory@K")
+
+
+def _first_k(item_ids, k: int) -> list[int]:
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    return np.asarray(item_ids, dtype=np.int64)[:k].tolist()
+
+
+def hit_at_k(item_ids, target: int, k: int) -> float:
+    """HR@K: 1.0 if the target is among the first k items, else 0.0."""
+    return float(target >= 0 and target in _first_k(item_ids, k))
+
+
+def ndcg_at_k(item_ids, target: int, k: int) -> float:
+    """NDCG@K: 1/log2(p + 2), p the target's first 0-based position among the first k items; else 0."""
+    items = _first_k(item_ids, k)
+    return float(1.0 / np.log2(items.index(target) + 2.0)) if target >= 0 and target in items else 0.0
+
+
+def count_in(item_ids, in_target, k: int) -> int:
+    """#{i <= k : item_i exists and is in C}."""
+    if len(in_target) != len(item_ids):
+        raise ValueError(f"in_target has {len(in_target)} entries for {len(item_ids)} items")
+    items = _first_k(item_ids, k)
+    return sum(1 for item, inside in zip(items, in_target) if item >= 0 and inside)
+
+
+def tcp_at_k(item_ids, in_target, k: int) -> float:
+    """TCP@K (Eq. 7) in percent: 100/k * #{i <= k : item_i exists and is in C}."""
+    return 100.0 * count_in(item_ids, in_target, k) / k
+
+
+def cpa(item_ids, in_target, k: int, control: Control) -> float:
+    """CPA (Eq. 8) in percent (100 or 0) for a proportion control; 0 if no existing item in the first k."""
+    if control.kind not in PROPORTION_KINDS:
+        raise ValueError(f"CPA needs a proportion control ({', '.join(PROPORTION_KINDS)}), got {control.kind!r}")
+    if not any(item >= 0 for item in _first_k(item_ids, k)):
+        return 0.0
+    n_in, q = count_in(item_ids, in_target, k), quota(k, control.m)
+    ok = {"<=": n_in <= q, ">=": n_in >= q, "~": abs(n_in - q) <= 1}[control.kind]
+    return 100.0 * ok
+
+
+def correct_count(item_ids, k: int) -> float:
+    """CorrectCount in percent (100 or 0): the list holds exactly k items."""
+    return 100.0 * (len(item_ids) == k)
+
+
+def repeat_item_at_k(item_ids, k: int) -> float:
+    """RepeatItem@K in percent: 100/k * #{i <= k : item_i is known and appeared earlier}."""
+    items = _first_k(item_ids, k)
+    return 100.0 * sum(1 for i, item in enumerate(items) if item >= 0 and item in items[:i]) / k
+
+
+def non_exist_at_k(item_ids, k: int) -> float:
+    """NonExist@K in percent: 100/k * #{i <= k : item_i is unknown}."""
+    return 100.0 * sum(1 for item in _first_k(item_ids, k) if item < 0) / k
+
+
+def in_history_at_k(item_ids, history, k: int) -> float:
+    """InHistory@K in percent: 100/k * #{i <= k : item_i is known and in the history}."""
+    history = set(np.asarray(history).tolist())
+    return 100.0 * sum(1 for item in _first_k(item_ids, k) if item >= 0 and item in history) / k
+
+
+def tc1_not2_p_at_k(item_ids, in_c1, in_c2, k: int) -> float:
+    """TC1¬2P@K (Table 7) in percent: TCP@K for items in C1 and not in C2."""
+    return tcp_at_k(item_ids, np.asarray(in_c1, bool) & ~np.asarray(in_c2, bool), k)
+
+
+def c1_pa(item_ids, in_c1, k: int, m: float = 0.2) -> float:
+    """C1 PA (Table 7) in percent: CPA of the "C1 <= m" part of "C1 <= m & -C2"."""
+    return cpa(item_ids, in_c1, k, Control("<=", m))
+
+
+def evaluate_sample(item_ids, k: int, history, target: int, in_target=None,
+                    control: Control | None = None) -> dict[str, float]:
+    """All metrics that apply to one output: TCP@K when `in_target` is given, CPA when `control` is a
+    proportion control too (it then needs `in_target`)."""
+    out = {
+        "HR@K": hit_at_k(item_ids, target, k),
+        "NDCG@K": ndcg_at_k(item_ids, target, k),
+        "CorrectCount": correct_count(item_ids, k),
+        "RepeatItem@K": repeat_item_at_k(item_ids, k),
+        "NonExist@K": non_exist_at_k(item_ids, k),
+        "InHistory@K": in_history_at_k(item_ids, history, k),
+    }
+    if in_target is not None:
+        out["TCP@K"] = tcp_at_k(item_ids, in_target, k)
+        if control is not None and control.kind in PROPORTION_KINDS:
+            out["CPA"] = cpa(item_ids, in_target, k, control)
+    elif control is not None and control.kind in PROPORTION_KINDS:
+        raise ValueError("CPA needs in_target")
+    return out
+
+
+def evaluate_batch(item_ids: Sequence[Sequence[int]], k, history: Sequence[Sequence[int]], target,
+                   in_target: Sequence[Sequence[bool]] | None = None,
+                   controls: Sequence[Control] | None = None) -> dict[str, np.ndarray]:
+    """`evaluate_sample` for B outputs at once, vectorised: metric name -> float array [B].
+
+    CPA is computed when every control is a proportion control (a mix is an error). For Table 7 pass
+    `in_target` = C1 & ~C2 (its TCP@K is TC1¬2P@K), or `in_target` = C1 with Control("<=", 0.2) (its CPA
+    is C1 PA).
+    """
+    ids, lengths = pad(item_ids, -1, np.int64)
+    b, n = ids.shape
+    hist, _ = pad(history, -1, np.int64)
+    k = np.broadcast_to(np.asarray(k, dtype=np.int64), (b,))
+    target = np.broadcast_to(np.asarray(target, dtype=np.int64), (b,))
+    if (k < 1).any():
+        raise ValueError(f"every k must be >= 1, got {k.min()}")
+    valid = valid_mask(lengths, n)
+    first_k = valid & (np.arange(n)[None, :] < k[:, None])
+    known = first_k & (ids >= 0)
+
+    hit = known & (ids == target[:, None])
+    any_hit = hit.any(1)
+    out = {
+        "HR@K": any_hit.astype(np.float64),
+        "NDCG@K": np.where(any_hit, 1.0 / np.log2(hit.argmax(1) + 2.0), 0.0),
+        "CorrectCount": 100.0 * (lengths == k),
+        "RepeatItem@K": 100.0 * (repeat_mask(ids, valid) & first_k).sum(1) / k,
+        "NonExist@K": 100.0 * (first_k & (ids < 0)).sum(1) / k,
+        "InHistory@K": 100.0 * (in_history_mask(ids, valid, hist) & first_k).sum(1) / k,
+    }
+    if in_target is not None:
+        in_arr, in_lengths = pad(in_target, False, bool)
+        if in_lengths.shape != lengths.shape or (in_lengths != lengths).any():
+            raise ValueError("in_target must hold one row per output, as long as its item_ids row")
+        n_in = (known & in_arr).sum(1)
+        out["TCP@K"] = 100.0 * n_in / k
+        proportion = [c.kind in PROPORTION_KINDS for c in controls or ()]
+        if any(proportion) and not all(proportion):
+            raise ValueError("controls mix proportion and other kinds: evaluate CPA batches separately")
+        if controls is not None and all(proportion):
+            kind = np.array([c.code for c in controls])
+            q = quota(k, np.array([c.m for c in controls]))
+            ok = np.select([kind == KIND_CODE["<="], kind == KIND_CODE[">="]], [n_in <= q, n_in >= q],
+                           np.abs(n_in - q) <= 1)
+            out["CPA"] = 100.0 * (ok & known.any(1))
+    return out
+
+
+def aggregate(samples: Sequence[Mapping[str, float]] | Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Mean of each metric over the lists: from per-sample dicts (all with the same metrics, so no list is
+    silently left out of any mean) or from `evaluate_batch`'s arrays."""
+    if isinstance(samples, Mapping):
+        if any(np.size(values) == 0 for values in samples.values()):
+            raise ValueError("aggregate needs at least one evaluated sample")
+        return {name: float(np.mean(values)) for name, values in samples.items()}
+    if not samples:
+        raise ValueError("aggregate needs at least one evaluated sample")
+    names = list(samples[0])
+    for i, sample in enumerate(samples):
+        if set(sample) != set(names):
+            raise ValueError(f"sample {i} has metrics {sorted(sample)}, sample 0 has {sorted(names)}")
+    return {name: float(np.mean([s[name] for s in samples])) for name in names}
