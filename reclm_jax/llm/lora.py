@@ -1,0 +1,90 @@
+"""LoRA adapters as a separate pytree over a frozen base, so several adapters share one set of base weights.
+
+    lora = {"layers": {"q": {"a": [L, D, r], "b": [L, r, Hq*Dh]}, ...},   # chosen layer targets only
+            "lm_head": {"a": [D, r], "b": [r, V]}}                      # if "lm_head" is a target
+
+A target computes `x @ W + (alpha / rank) * dropout(x) @ a @ b`. `a` starts uniform in +-1/sqrt(in) (PEFT's
+Kaiming-uniform default), `b` at zero, so a fresh adapter leaves the model exactly unchanged. Adapters are
+float32 (trainable master weights); they are cast to the compute dtype where applied.
+PEFT's `lora_A.weight` [r, in] is `a.T` and `lora_B.weight` [out, r] is `b.T`.
+
+    init(key, params, cfg, lora_cfg) -> lora
+    merge(params, lora, lora_cfg) -> params      # base weights with the adapter folded in
+    linear(x, w, adapter, lora_cfg, dropout_rng, out_dtype=None)   # used by model.forward
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from reclm_jax.llm.config import LAYER_TARGETS, LORA_TARGETS, LlamaConfig, LoraConfig
+
+Params = dict[str, Any]
+
+
+def target_index(name: str) -> int:
+    return LORA_TARGETS.index(name)
+
+
+def _base_kernel(params: Params, cfg: LlamaConfig, target: str) -> jax.Array:
+    if target == "lm_head":
+        return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return params["layers"][target]
+
+
+def init(key: jax.Array, params: Params, cfg: LlamaConfig, lora_cfg: LoraConfig) -> Params:
+    """A fresh adapter for `lora_cfg.targets` (an exact no-op until trained)."""
+    r = lora_cfg.rank
+    lora: Params = {}
+    for target in lora_cfg.targets:
+        shape = _base_kernel(params, cfg, target).shape  # [L, in, out] or [in, out]
+        *lead, fan_in, fan_out = shape
+        bound = fan_in ** -0.5
+        adapter = {
+            "a": jax.random.uniform(jax.random.fold_in(key, target_index(target)), (*lead, fan_in, r),
+                                    jnp.float32, -bound, bound),
+            "b": jnp.zeros((*lead, r, fan_out), jnp.float32),
+        }
+        if target in LAYER_TARGETS:
+            lora.setdefault("layers", {})[target] = adapter
+        else:
+            lora[target] = adapter
+    return lora
+
+
+def delta(adapter: Params, lora_cfg: LoraConfig) -> jax.Array:
+    """The adapter's weight update `scale * a @ b` ([L, in, out] or [in, out], float32)."""
+    return lora_cfg.scale * jnp.matmul(adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32))
+
+
+def merge(params: Params, lora: Params, lora_cfg: LoraConfig) -> Params:
+    """Base parameters with the adapter folded in (same structure and dtypes as `params`)."""
+    merged = {**params, "layers": dict(params["layers"])}
+    for target, adapter in lora.get("layers", {}).items():
+        w = params["layers"][target]
+        merged["layers"][target] = (w.astype(jnp.float32) + delta(adapter, lora_cfg)).astype(w.dtype)
+    if "lm_head" in lora:
+        if "lm_head" not in params:  # tied embeddings
+            raise ValueError("lora.merge: an lm_head adapter cannot be merged into tied embeddings "
+                             "(the update would change the input embedding too); drop 'lm_head' from "
+                             "LoraConfig.targets or untie the model")
+        w = params["lm_head"]
+        merged["lm_head"] = (w.astype(jnp.float32) + delta(lora["lm_head"], lora_cfg)).astype(w.dtype)
+    return merged
+
+
+def linear(x: jax.Array, w: jax.Array, adapter: Params | None, lora_cfg: LoraConfig | None,
+           dropout_rng: jax.Array | None, out_dtype: Any = None) -> jax.Array:
+    """`x @ w` (+ the LoRA path when `adapter` is given); `out_dtype` defaults to x's dtype."""
+    y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=out_dtype)
+    if adapter is None:
+        return y
+    if dropout_rng is not None and lora_cfg.dropout > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - lora_cfg.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora_cfg.dropout), 0).astype(x.dtype)
+    low = jnp.dot(x, adapter["a"].astype(x.dtype))
+    update = jnp.dot(low, adapter["b"].astype(x.dtype), preferred_element_type=out_dtype)
+    return y + (lora_cfg.scale * update).astype(y.dtype)

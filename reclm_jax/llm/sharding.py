@@ -1,0 +1,165 @@
+"""Device mesh (data, fsdp, tensor) and the placement of parameters, LoRA adapters and batches on it.
+
+Every parameter dimension has a logical name (`PARAM_AXES`, the one table); a rule set maps logical names to
+mesh axes. Two rule sets:
+
+- `TRAIN_RULES`: weights sharded over `fsdp` along the embedding dimension (ZeRO-3 style: XLA gathers them
+  where they are used) and over `tensor` along heads / MLP / vocabulary; batches over (data, fsdp).
+- `SAMPLE_RULES`: weights replicated over `fsdp` (no all-gather per decoded token) and tensor-parallel only;
+  the fsdp axis then serves as more data parallelism for the prompts.
+
+A dimension whose size the mesh axis does not divide stays replicated (e.g. 3 kv heads on tensor=2).
+`jit` propagates these input shardings through the model (GSPMD); the model code itself has no sharding.
+Multi-host: `initialize_distributed` calls `jax.distributed.initialize` when the config asks for it or the
+usual coordinator environment variables are set; each host then loads the same checkpoint and feeds its own
+share of every batch (`shard_batch`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axes of every parameter (model.py layout; layers are stacked on the leading axis).
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "layers.attn_norm": ("layers", "norm"),
+    "layers.q": ("layers", "embed", "heads"),
+    "layers.k": ("layers", "embed", "kv_heads"),
+    "layers.v": ("layers", "embed", "kv_heads"),
+    "layers.o": ("layers", "heads", "embed"),
+    "layers.mlp_norm": ("layers", "norm"),
+    "layers.gate": ("layers", "embed", "mlp"),
+    "layers.up": ("layers", "embed", "mlp"),
+    "layers.down": ("layers", "mlp", "embed"),
+    "final_norm": ("norm",),
+    "lm_head": ("embed", "vocab"),
+}
+
+Rules = Mapping[str, str | tuple[str, ...] | None]
+TRAIN_RULES: Rules = {
+    "batch": ("data", "fsdp"), "seq": None,
+    "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
+    "layers": None, "norm": None, "lora_rank": None,
+}
+SAMPLE_RULES: Rules = {**TRAIN_RULES, "embed": None}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (-1: all remaining devices; at most one axis) and multi-host start-up."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    multi_host: bool = False  # call jax.distributed.initialize (also done when JAX_COORDINATOR_ADDRESS is set)
+    coordinator_address: str | None = None  # None: from the environment / cluster auto-detection
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self) -> None:
+        sizes = self.sizes
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise ValueError(f"MeshConfig: data/fsdp/tensor must be positive or -1 (at most one), got {sizes}")
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+def initialize_distributed(cfg: MeshConfig) -> None:
+    """Join a multi-host run (once per process) if the config or the environment asks for it."""
+    if not (cfg.multi_host or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 and check that the axis sizes multiply to the device count."""
+    known = math.prod(s for s in cfg.sizes if s != -1)
+    if -1 in cfg.sizes:
+        if n_devices % known:
+            raise ValueError(f"MeshConfig {cfg.sizes}: {n_devices} devices are not divisible by {known}")
+        return tuple(n_devices // known if s == -1 else s for s in cfg.sizes)
+    if known != n_devices:
+        raise ValueError(f"MeshConfig {cfg.sizes} needs {known} devices, {n_devices} are available")
+    return cfg.sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: list[Any] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_axes(path: tuple[Any, ...], ndim: int) -> tuple[str, ...]:
+    """Logical axes of a parameter or LoRA leaf, from its path in the pytree.
+
+    A LoRA factor `<param>.a` is [..., in, rank] and `<param>.b` is [..., rank, out] of the base `<param>`.
+    """
+    keys = [str(getattr(k, "key", k)) for k in path]
+    lora_factor = keys[-1] if keys[-1] in ("a", "b") else None
+    name = ".".join(keys[:-1] if lora_factor else keys)
+    if name not in PARAM_AXES:
+        raise ValueError(f"no logical axes for parameter {name!r}")
+    axes = PARAM_AXES[name]
+    if lora_factor == "a":
+        axes = (*axes[:-1], "lora_rank")
+    elif lora_factor == "b":
+        axes = (*axes[:-2], "lora_rank", axes[-1])
+    if len(axes) != ndim:
+        raise ValueError(f"parameter {'.'.join(keys)} has {ndim} dims, its logical axes are {axes}")
+    return axes
+
+
+def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> PartitionSpec:
+    """Mesh axes for each dimension; dimensions the mesh axes do not divide stay replicated."""
+    spec = []
+    for axis, size in zip(axes, shape, strict=True):
+        mesh_axes = rules.get(axis)
+        if mesh_axes is not None:
+            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            if size % math.prod(mesh.shape[n] for n in names):
+                mesh_axes = None
+        spec.append(mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(tree: Any, mesh: Mesh, rules: Rules = TRAIN_RULES) -> Any:
+    """NamedShardings for a parameter or LoRA pytree (arrays or anything with `.shape`)."""
+    def leaf(path, x):
+        shape = tuple(x.shape)
+        return NamedSharding(mesh, partition_spec(logical_axes(path, len(shape)), shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def shard_params(tree: Any, mesh: Mesh, rules: Rules = TRAIN_RULES) -> Any:
+    """Place a parameter or LoRA pytree (host or device arrays, the same on every host) on the mesh."""
+    return jax.device_put(tree, param_shardings(tree, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSharding:
+    """Leading (batch) dimension over the batch mesh axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(rules["batch"], *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: Rules = TRAIN_RULES) -> Any:
+    """Global arrays from each host's share of a batch pytree ([B_local, ...] per host; B_local * hosts = B)."""
+    def leaf(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
+
+    return jax.tree.map(leaf, batch)

@@ -1,0 +1,142 @@
+"""LoRA adapters: exact no-op when fresh, merge equals un-merged, hand-computed layer, dropout, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reclm_jax.llm import lora as lora_lib
+from reclm_jax.llm import model
+from reclm_jax.llm.config import LORA_TARGETS, PRESETS, LoraConfig
+
+# Eager calls of a scanned model re-trace and re-compile the scan every time; jit caches per shape.
+forward = jax.jit(model.forward, static_argnames=("cfg", "lora_cfg", "last_only"))
+token_logprobs = jax.jit(model.token_logprobs, static_argnames=("cfg", "lora_cfg"))
+
+CFG = PRESETS["tiny"]
+ALL = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=LORA_TARGETS)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(jax.random.key(0), CFG, std=0.1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 9)))
+    mask = jnp.ones(tokens.shape, bool).at[0, :3].set(False)
+    return tokens, model.positions_from_mask(mask), mask
+
+
+def trained(adapter, seed=1):
+    """Give every `b` random values, as training would."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [
+        0.05 * jax.random.normal(k, x.shape) if jax.tree_util.keystr(path).endswith("['b']") else x
+        for (path, x), k in zip(leaves, keys)])
+
+
+def test_linear_matches_the_formula_by_hand():
+    x = jnp.array([[1.0, 2.0]])
+    w = jnp.array([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])
+    adapter = {"a": jnp.array([[1.0], [1.0]]), "b": jnp.array([[0.5, 0.0, 1.0]])}
+    cfg = LoraConfig(rank=1, alpha=2.0, dropout=0.0, targets=("q",))
+    # x @ w = [1, 2, 0]; x @ a = [3]; scale 2 * 3 * b = [3, 0, 6]
+    np.testing.assert_allclose(lora_lib.linear(x, w, adapter, cfg, None), [[4.0, 2.0, 6.0]])
+    np.testing.assert_allclose(lora_lib.linear(x, w, None, None, None), [[1.0, 2.0, 0.0]])
+
+
+def test_init_shapes_and_values(params):
+    adapter = lora_lib.init(jax.random.key(0), params, CFG, ALL)
+    d, L, r = CFG.hidden_size, CFG.num_layers, 4
+    kv = CFG.num_kv_heads * CFG.head_dim
+    assert adapter["layers"]["k"]["a"].shape == (L, d, r) and adapter["layers"]["k"]["b"].shape == (L, r, kv)
+    assert adapter["layers"]["down"]["a"].shape == (L, CFG.intermediate_size, r)
+    assert adapter["lm_head"]["b"].shape == (r, CFG.vocab_size)
+    assert all(float(jnp.abs(t["b"]).max()) == 0 for t in [*adapter["layers"].values(), adapter["lm_head"]])
+    a = np.asarray(adapter["layers"]["q"]["a"])
+    assert np.abs(a).max() <= d ** -0.5 and a.std() > 0.4 * d ** -0.5  # uniform in +-1/sqrt(in)
+    only_qv = lora_lib.init(jax.random.key(0), params, CFG, LoraConfig(targets=("q", "v")))
+    assert set(only_qv) == {"layers"} and set(only_qv["layers"]) == {"q", "v"}
+    again = lora_lib.init(jax.random.key(0), params, CFG, ALL)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(adapter), jax.tree.leaves(again)))
+
+
+def test_fresh_adapter_is_an_exact_no_op(params, batch):
+    tokens, positions, mask = batch
+    adapter = lora_lib.init(jax.random.key(3), params, CFG, ALL)
+    base, _, _ = forward(params, CFG, tokens, positions, attention_mask=mask)
+    with_lora, _, _ = forward(params, CFG, tokens, positions, attention_mask=mask, lora=adapter,
+                                    lora_cfg=ALL, dropout_rng=jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(with_lora), np.asarray(base))
+
+
+def test_merged_equals_unmerged(params, batch):
+    tokens, positions, mask = batch
+    adapter = trained(lora_lib.init(jax.random.key(3), params, CFG, ALL))
+    unmerged, _, _ = forward(params, CFG, tokens, positions, attention_mask=mask, lora=adapter,
+                                   lora_cfg=ALL)
+    merged_params = lora_lib.merge(params, adapter, ALL)
+    merged, _, _ = forward(merged_params, CFG, tokens, positions, attention_mask=mask)
+    base, _, _ = forward(params, CFG, tokens, positions, attention_mask=mask)
+    assert float(jnp.abs(unmerged - base).max()) > 1e-2  # the adapter does something
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), merged_params) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), params)
+
+
+def test_two_adapters_share_one_base(params, batch):
+    tokens, positions, mask = batch
+    cfg_a, cfg_b = LoraConfig(rank=2, targets=("q", "v")), LoraConfig(rank=8, alpha=16.0, targets=("up", "down"))
+    a = trained(lora_lib.init(jax.random.key(1), params, CFG, cfg_a), seed=1)
+    b = trained(lora_lib.init(jax.random.key(2), params, CFG, cfg_b), seed=2)
+    out_a, _, _ = forward(params, CFG, tokens, positions, attention_mask=mask, lora=a, lora_cfg=cfg_a)
+    out_b, _, _ = forward(params, CFG, tokens, positions, attention_mask=mask, lora=b, lora_cfg=cfg_b)
+    merged_b, _, _ = forward(lora_lib.merge(params, b, cfg_b), CFG, tokens, positions, attention_mask=mask)
+    assert float(jnp.abs(out_a - out_b).max()) > 1e-2
+    np.testing.assert_allclose(np.asarray(out_b), np.asarray(merged_b), atol=1e-5)
+
+
+def test_dropout_only_in_training_and_gradients_reach_the_adapter(params, batch):
+    tokens, positions, mask = batch
+    adapter = trained(lora_lib.init(jax.random.key(3), params, CFG, ALL))
+    run = lambda rng, cfg=ALL: forward(params, CFG, tokens, positions, attention_mask=mask, lora=adapter,
+                                             lora_cfg=cfg, dropout_rng=rng)[0]
+    assert float(jnp.abs(run(jax.random.key(0)) - run(None)).max()) > 1e-3
+    np.testing.assert_array_equal(run(jax.random.key(0)), run(jax.random.key(0)))
+    no_dropout = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=LORA_TARGETS)
+    np.testing.assert_array_equal(run(jax.random.key(0), no_dropout), run(None))
+
+    fresh = lora_lib.init(jax.random.key(3), params, CFG, ALL)
+
+    def loss(ad):
+        return -jnp.mean(token_logprobs(params, CFG, tokens, mask, lora=ad, lora_cfg=ALL)[0])
+
+    grads = jax.grad(loss)(fresh)
+    # With b = 0 the gradient reaches b but not yet a.
+    assert float(jnp.abs(grads["layers"]["q"]["b"]).max()) > 0
+    assert float(jnp.abs(grads["layers"]["q"]["a"]).max()) == 0
+
+
+def test_lm_head_adapter_on_tied_embeddings_runs_but_does_not_merge(batch):
+    tied = PRESETS["tiny"].replace(tie_embeddings=True)
+    params = model.init_params(jax.random.key(0), tied, std=0.1)
+    cfg = LoraConfig(rank=2, targets=("lm_head",))
+    adapter = lora_lib.init(jax.random.key(1), params, tied, cfg)
+    assert adapter["lm_head"]["b"].shape == (2, tied.vocab_size)
+    tokens, positions, _ = batch
+    forward(params, tied, tokens, positions, lora=adapter, lora_cfg=cfg)
+    with pytest.raises(ValueError, match="tied embeddings"):
+        lora_lib.merge(params, adapter, cfg)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank": 0}, "rank"), ({"dropout": 1.0}, "dropout"), ({"targets": ("q", "attn")}, "targets"),
+    ({"targets": ()}, "targets"), ({"targets": ("q", "q")}, "duplicates"),
+])
+def test_lora_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+    assert LoraConfig(rank=16, alpha=8.0).scale == 0.5
