@@ -10,7 +10,12 @@ import sys
 # inside the command handlers so that `reclm-jax --help` stays fast.
 STAGES = (
     "reclm_jax.data.cli",
+    "reclm_jax.teacher.cli",
     "reclm_jax.llm.cli",
+    "reclm_jax.sft.cli",
+    "reclm_jax.rl.cli",
+    "reclm_jax.eval.cli",
+    "reclm_jax.pipeline_cli",
 )
 
 

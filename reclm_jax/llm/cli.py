@@ -67,7 +67,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from reclm_jax.cli import UserError
-    from reclm_jax.llm import hf_io, lora
+    from reclm_jax.llm import hf_io
 
     if args.kind == "peft" and not args.lora:
         raise UserError("export --peft writes an adapter: give it with --lora")
@@ -77,10 +77,7 @@ def _export(args: argparse.Namespace) -> int:
             lora_cfg, adapter = hf_io.load_peft_dir(_adapter_dir(args.lora), cfg)
             out = hf_io.save_peft_dir(args.out, adapter, cfg, lora_cfg, base_model_name_or_path=str(args.model))
         else:
-            cfg, params = hf_io.load_pretrained(args.model)
-            if args.lora:
-                lora_cfg, adapter = hf_io.load_peft_dir(_adapter_dir(args.lora), cfg)
-                params = lora.merge(params, adapter, lora_cfg)
+            cfg, params = hf_io.load_merged(args.model, [_adapter_dir(args.lora)] if args.lora else [])
             tok = _tokenizer(args.tokenizer, args.model)
             out = hf_io.save_hf_dir(args.out, params, cfg, tokenizer=tok, dtype=args.dtype)
     except (hf_io.FormatError, ValueError) as e:

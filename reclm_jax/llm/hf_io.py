@@ -17,7 +17,7 @@ preset name with an embedded asset, a `.gguf` file, or a Hugging Face directory.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,22 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> tuple[LlamaCo
     except (KeyError, ValueError) as e:
         raise FormatError(f"{path}: {e}") from None
     return cfg, params_from_hf(state, cfg)
+
+
+def load_merged(name_or_path: str | Path, adapters: Sequence[str | Path] = (), **overrides: Any
+                ) -> tuple[LlamaConfig, Params]:
+    """`load_pretrained`, then PEFT LoRA adapters merged in in the given order (e.g. the SFT adapter, then
+    the PPO actor trained on top of it)."""
+    from reclm_jax.llm import lora as lora_lib
+
+    cfg, params = load_pretrained(name_or_path, **overrides)
+    for path in adapters:
+        lora_cfg, adapter = load_peft_dir(path, cfg)
+        try:
+            params = lora_lib.merge(params, adapter, lora_cfg)
+        except ValueError as e:  # an adapter that cannot be folded into this model
+            raise FormatError(f"{path}: {e}") from None
+    return cfg, params
 
 
 def read_model_config(name_or_path: str | Path) -> LlamaConfig:

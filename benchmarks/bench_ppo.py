@@ -1,0 +1,92 @@
+"""Time per PPO step, split into sampling (jitted sampler), host rewards (decode, parse, teacher ranks, rule
+rewards, placement, batch assembly) and the update (one jitted PPO update), on a preset's real pipeline:
+ML-100k RL prompts, the real tokenizer, the teacher.
+
+    python benchmarks/bench_ppo.py --config configs/ppo/tiny.yaml [--teacher DIR] [--steps 8] [key=value ...]
+
+Without --teacher a random-init SASRec of the paper's shape answers the rank queries (the same work as a
+trained one). The first steps compile (every prompt-length bucket compiles the sampler and the update once),
+so they are not timed; medians are over the later steps, wall and process CPU time (all threads). Prints a
+Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+PARTS = ("sample", "rewards", "update")
+
+
+def random_teacher(num_items: int):
+    from flax import nnx
+
+    from reclm_jax import config
+    from reclm_jax.teacher.config import TeacherConfig
+    from reclm_jax.teacher.query import Teacher, build_model
+
+    cfg = config.load(TeacherConfig, "configs/teacher/paper.yaml")
+    _, state = nnx.split(build_model(cfg, num_items))
+    return Teacher(cfg, num_items, nnx.to_pure_dict(state))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/ppo/tiny.yaml")
+    parser.add_argument("--teacher", help="a trained teacher directory (default: random-init SASRec)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps after the warm-up")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run first and not timed (compilation)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+
+    import jax
+
+    from reclm_jax import config
+    from reclm_jax.data import load_dataset
+    from reclm_jax.rl.config import PPOConfig
+    from reclm_jax.rl.trainer import build
+
+    cfg = config.load(PPOConfig, args.config, args.overrides)
+    if args.teacher:
+        from reclm_jax.teacher.query import Teacher
+
+        teacher = Teacher.load(args.teacher)
+    else:
+        teacher = random_teacher(load_dataset(cfg.data).num_items)
+    trainer, stream = build(cfg, teacher=teacher)
+    rows = []
+    for step in range(args.warmup + args.steps):
+        prompts = stream.take(cfg.rollout.prompts_per_step)
+        t, c = time.perf_counter(), time.process_time()
+        metrics = trainer.step(prompts, step)
+        metrics["time/step_s"], metrics["cpu/step_s"] = time.perf_counter() - t, time.process_time() - c
+        if step >= args.warmup:
+            rows.append(metrics)
+    def median(name):
+        return statistics.median(r[name] for r in rows)
+
+    def share(name):
+        return 100 * statistics.median(r[name] / r[name.split("/")[0] + "/step_s"] for r in rows)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"config {args.config} {' '.join(args.overrides)}; {cfg.batch_size} sequences/step "
+          f"({cfg.rollout.prompts_per_step} prompts x {cfg.rollout.responses_per_prompt}), max_new_tokens "
+          f"{cfg.rollout.max_new_tokens}, {trainer.model_cfg.num_params / 1e6:.1f} M params; "
+          f"teacher {'trained' if args.teacher else 'random-init'}; jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind} ({platform.machine()}); load average {load:.1f}; "
+          f"median of {len(rows)} steps after {args.warmup} warm-up steps; "
+          f"mean response {statistics.mean(r['response_tokens'] for r in rows):.1f} tokens")
+    print()
+    print("| part | wall per step | share of the step (wall) | CPU per step | share of the step (CPU) |")
+    print("|---|---|---|---|---|")
+    for part in (*PARTS, "step"):
+        w, c = f"time/{part}_s", f"cpu/{part}_s"
+        print(f"| {part} | {1000 * median(w):.1f} ms | {share(w):.1f} % | "
+              f"{1000 * median(c):.1f} ms | {share(c):.1f} % |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""`reclm-jax evaluate`, `reclm-jax recommend` and `reclm-jax plot`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from reclm_jax.data.cli import add_dataset_args, dataset_from_args
+
+BASE_ROW = "{model} zero-shot"
+
+
+def register(sub) -> None:
+    ev = sub.add_parser("evaluate", help="run the paper's test tasks on models and write its Tables 2-5 and 7")
+    _add_model_args(ev)
+    ev.add_argument("--lora", action="append", default=[], metavar="DIR[,DIR...]",
+                    help="trained PEFT adapters of --model, merged in order (e.g. the SFT adapter, then the PPO "
+                    "actor): one more row (repeatable)")
+    ev.add_argument("--name", action="append", default=[], metavar="LABEL",
+                    help="the row label of each --lora, in order (default: the last adapter folder's name)")
+    ev.add_argument("--base-name", help=f"row label of --model itself (default: '{BASE_ROW}')")
+    ev.add_argument("--no-base", action="store_true", help="do not evaluate --model without an adapter")
+    add_dataset_args(ev)
+    ev.add_argument("--teacher", required=True, help="the trained SASRec teacher directory (fixes the test "
+                    "controls and gives the SASRec row)")
+    ev.add_argument("--out", required=True, help="output directory: tables.md/.json, table*.csv/.png, runs/")
+    ev.add_argument("--limit", type=int, help="test users per task (a seeded random subset; default: all)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the test set (users, categories, templates)")
+    ev.add_argument("--batch-size", type=int, default=16, help="answers decoded together")
+    ev.add_argument("--force", action="store_true", help="re-run models whose results in --out match the settings")
+    ev.set_defaults(handler=_evaluate)
+
+    rec = sub.add_parser("recommend", help="recommend items for a history and an intention in plain words")
+    _add_model_args(rec)
+    rec.add_argument("--lora", metavar="DIR[,DIR...]", help="trained PEFT adapters of --model, merged in order")
+    add_dataset_args(rec)
+    rec.add_argument("--history", nargs="+", required=True, metavar="TITLE", help="titles the user liked, oldest first")
+    rec.add_argument("--intent", help="the user's intention, e.g. \"no comedies\" or \"about 30%% dramas\"")
+    rec.add_argument("-k", type=int, default=10, help="items to recommend (default: 10)")
+    rec.add_argument("--show-prompt", action="store_true", help="also print the prompt and the raw answer")
+    rec.set_defaults(handler=_recommend)
+
+    plot = sub.add_parser("plot", help="training curves (loss, reward, KL, TCP) from JSONL logs as PNG")
+    plot.add_argument("--log", nargs="+", required=True, help="JSONL logs written by the SFT/PPO trainers")
+    plot.add_argument("--out", required=True, help="output directory (one <log name>.png per log)")
+    plot.set_defaults(handler=_plot)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="smollm2-135m (embedded), a .gguf file or an HF model directory")
+    p.add_argument("--tokenizer", help="tokenizer name or path (default: --model)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit in tokens (the paper: 512)")
+    p.add_argument("--fuzzy", action="store_true",
+                   help="also match generated titles within Levenshtein distance 3 of a catalogue title")
+
+
+# ---- evaluate ------------------------------------------------------------------------------------------
+def _adapters(arg: str | None) -> tuple[str, ...]:
+    """--lora's comma-separated adapter directories."""
+    from reclm_jax.cli import UserError
+
+    stack = tuple(p.strip() for p in (arg or "").split(",") if p.strip())
+    if arg is not None and not stack:
+        raise UserError(f"--lora {arg!r} names no adapter directory")
+    return stack
+
+
+def model_runs(args) -> list:
+    """The table rows to evaluate: --model zero-shot (unless --no-base), then one per --lora."""
+    from reclm_jax.cli import UserError
+    from reclm_jax.eval.evaluate import TEACHER_ROW, ModelRun
+
+    if args.name and len(args.name) != len(args.lora):
+        raise UserError(f"--name was given {len(args.name)} times for {len(args.lora)} --lora; give one per --lora")
+    runs = [] if args.no_base else [
+        ModelRun(args.base_name or BASE_ROW.format(model=Path(args.model).name), args.model, (), args.tokenizer)]
+    stacks = [_adapters(arg) for arg in args.lora]
+    names = args.name or [Path(stack[-1]).name for stack in stacks]
+    runs += [ModelRun(name, args.model, stack, args.tokenizer) for name, stack in zip(names, stacks)]
+    if not runs:
+        raise UserError("nothing to evaluate: --no-base without any --lora")
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels) or TEACHER_ROW in labels:
+        raise UserError(f"row labels (--base-name, --name) must be unique and not {TEACHER_ROW!r}, got {labels}")
+    return runs
+
+
+def _evaluate(args) -> int:
+    from reclm_jax.cli import UserError
+    from reclm_jax.eval.evaluate import GenerationSettings, run_evaluation
+    from reclm_jax.llm.hf_io import FormatError
+    from reclm_jax.tasks.config import TaskConfig
+    from reclm_jax.teacher.query import Teacher
+
+    runs = model_runs(args)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    try:
+        # Test tasks only: no SL data is built, so the ShareGPT mix (I4) plays no part.
+        task_cfg = TaskConfig(seed=args.seed, test_users=args.limit, sharegpt_ratio=0.0)
+        if args.max_new_tokens >= task_cfg.max_length:
+            raise ValueError(f"--max-new-tokens must be below the prompt + answer budget of {task_cfg.max_length}")
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                      max_prompt_tokens=task_cfg.max_length - args.max_new_tokens)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    dataset = dataset_from_args(args)
+    try:
+        teacher = Teacher.load(args.teacher)
+    except FileNotFoundError as e:
+        raise UserError(f"--teacher: {e}") from None
+    if teacher.num_items != dataset.num_items:
+        raise UserError(f"--teacher has {teacher.num_items} items, dataset {dataset.name} {dataset.num_items}")
+    out = Path(args.out)
+    try:
+        run_evaluation(dataset, teacher, runs, out, task_cfg=task_cfg, settings=settings, fuzzy=args.fuzzy,
+                       force=args.force, teacher_path=args.teacher)
+    except FormatError as e:
+        raise UserError(str(e)) from None
+    print((out / "tables.md").read_text(encoding="utf-8"))
+    print(f"tables: {out}/tables.md, tables.json, table*.csv, table*.png; answers and metrics per model: {out}/runs/")
+    return 0
+
+
+# ---- recommend -----------------------------------------------------------------------------------------
+def history_items(titles: list[str], catalogue) -> list[int]:
+    """Catalogue item ids of the given titles; a title that names no item is an error listing close ones."""
+    from rapidfuzz import process
+
+    from reclm_jax.cli import UserError
+
+    ids = []
+    for title in titles:
+        item, _ = catalogue.lookup(title)
+        if item < 0:
+            near = process.extract(title, catalogue.titles, limit=3)
+            hint = "; close titles: " + ", ".join(repr(t) for t, _, _ in near) if near else ""
+            raise UserError(f"--history: {title!r} is not in the catalogue{hint}")
+        ids.append(item)
+    return ids
+
+
+def recommendation_prompt(templates, history_titles: list[str], k: int, intent: str | None) -> str:
+    """The paper's instruction for a history and a free-text intention: I0 without one, I2's template when
+    the intention states a percentage, else I1's (which tells the model to follow the intention)."""
+    fields = {"history": templates.titles_in_prompt(history_titles), "item_count": k}
+    if not intent:
+        return templates.prompt("seqrec", "generate", **fields)
+    if "%" in intent:
+        return templates.prompt("proportion", "generate", proportion_intention=intent, **fields)
+    return templates.prompt("control", "generate", synthetic_intention=intent, **fields)
+
+
+def recommendation_lines(items, item_categories, history: set[int]) -> list[str]:
+    """One line per parsed item: its title, then its categories, or a mark when the title names no item of
+    the catalogue; items from the user's history and repeats are marked too."""
+    lines, seen = [], set()
+    for n, it in enumerate(items, 1):
+        if it.item_id < 0:
+            note = "[not in the catalogue]"
+        else:
+            note = "[" + ", ".join(item_categories[it.item_id]) + "]"
+            if it.item_id in history:
+                note += " (already in the history)"
+            elif it.item_id in seen:
+                note += " (repeated)"
+            seen.add(it.item_id)
+        lines.append(f"{n:>2}. {it.title}  {note}")
+    return lines
+
+
+def _recommend(args) -> int:
+    from reclm_jax.cli import UserError
+    from reclm_jax.eval import evaluate as E
+    from reclm_jax.eval.parse import Catalogue
+    from reclm_jax.llm.hf_io import FormatError
+    from reclm_jax.tasks.config import TaskConfig
+    from reclm_jax.tasks.samples import Sample
+    from reclm_jax.tasks.templates import load_templates
+    from reclm_jax.tasks.tokenize import display_titles
+
+    if args.k < 1:
+        raise UserError(f"-k must be >= 1, got {args.k}")
+    try:
+        settings = E.GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=1)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    dataset = dataset_from_args(args)
+    try:
+        model = E.load_chat_model(args.model, _adapters(args.lora), args.tokenizer)
+    except (FormatError, ValueError) as e:
+        raise UserError(f"--model/--lora: {e}") from None
+    titles = display_titles(dataset.titles, model.tokenizer, TaskConfig.max_title_tokens)
+    catalogue = Catalogue(titles, fuzzy=args.fuzzy)
+    history = history_items(args.history, catalogue)
+    prompt = recommendation_prompt(load_templates(), [titles[i] for i in history], args.k, args.intent)
+    answer = E.generate_texts(model, [Sample("recommend", (("user", prompt),))], settings)[0]
+    if args.show_prompt:
+        print(f"--- prompt\n{prompt}\n--- answer\n{answer}\n---")
+    items = catalogue.parse(answer)
+    if not items:
+        print(f"no list in the answer: {answer!r}")
+        return 1
+    print("\n".join(recommendation_lines(items, dataset.item_categories, set(history))))
+    return 0
+
+
+# ---- plot ----------------------------------------------------------------------------------------------
+def _plot(args) -> int:
+    from reclm_jax.cli import UserError
+    from reclm_jax.eval.plots import LogError, plot_logs
+
+    try:
+        for path in plot_logs(args.log, args.out):
+            print(path)
+    except LogError as e:
+        raise UserError(str(e)) from None
+    return 0

@@ -1,0 +1,331 @@
+"""Run the paper's test tasks (section 3) on a chat model and score its answers.
+
+    model = load_chat_model("smollm2-135m", loras=["runs/sft/adapter"])
+    answers = generate_answers(model, eval_set, settings)          # batched greedy decoding, a progress bar
+    metrics = score_answers(eval_set, answers, dataset, catalogue)  # {task: {metric: value}}
+
+or all of it for several models, with the teacher's row, the tables and per-model files (what
+`reclm-jax evaluate` runs): `run_evaluation(dataset, teacher, [ModelRun(...), ...], out_dir)`.
+
+The test set is `tasks.evaluation.build_eval_set(ctx, "test")`: fixed by the seed and the teacher, the same
+users, targets and control categories for every model. Scoring is a pure function of the generated texts.
+
+Metric keys per task (definitions in `eval/metrics.py`; @K is @k, the requested count: 10 except in
+"item_count", where k is 11..15):
+- every task: HR@K, NDCG@K, CorrectCount, RepeatItem@K, NonExist@K, InHistory@K, plus "Unparsed" (percent
+  of answers in which no list item was found at all) and "n" (answers scored);
+- "seqrec" also HR@5 and NDCG@5 (the first 5 items of the 10 asked for, the paper's Table 2);
+- "+c", "-c", "~30%", ...: TCP@K of the control's category, and CPA for the proportion controls;
+- "+c1&-c2": TC1not2P@K (TCP@K of "in C1 and not in C2", Table 7);
+- "c1<=20%&-c2": C1PA (CPA of "C1 <= 20 %") and TC2P@K (TCP@K of C2).
+The control metrics also appear as "<metric>/no_control": the same metric, same user and same categories,
+measured on the model's answer to the plain SeqRec (I0) prompt of that user, i.e. the value in parentheses
+in the paper's Tables 3, 4 and 7 (what the model does without the control text).
+
+Every answer counts: an empty or unparseable answer is a list of no items (HR, NDCG, TCP, CPA and
+CorrectCount are 0 for it; "Unparsed" counts it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reclm_jax.data.schema import Dataset
+from reclm_jax.eval.metrics import aggregate, evaluate_batch
+from reclm_jax.eval.parse import Catalogue
+from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.tasks.evaluation import EvalSet
+from reclm_jax.tasks.samples import Sample
+
+NO_CONTROL = "/no_control"
+SEQREC = "seqrec"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 512  # the paper's maximum output length
+    max_prompt_tokens: int = 512  # prompts are cut from the left to this (the paper: 1024 with the answer)
+    batch_size: int = 16  # answers decoded together
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_prompt_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ChatModel:
+    """A Llama-family model ready for greedy chat generation (any LoRA adapter merged in)."""
+
+    name: str
+    cfg: Any  # llm.config.LlamaConfig
+    params: Any  # device arrays
+    tokenizer: Any
+    stop_ids: list[int]
+
+
+def load_chat_model(model: str, loras: Sequence[str | Path] = (), tokenizer: str | Path | None = None,
+                    name: str | None = None) -> ChatModel:
+    """Base weights from a preset with embedded weights, a GGUF file or an HF directory
+    (`hf_io.load_pretrained`), PEFT LoRA adapters merged in in the given order (e.g. the SFT adapter, then
+    the PPO actor trained on top of it), and the model's tokenizer (`tokenizer` defaults to `model`)."""
+    import jax
+
+    from reclm_jax.llm import hf_io
+    from reclm_jax.llm.tokenizer import load_tokenizer, stop_token_ids
+
+    cfg, params = hf_io.load_merged(model, loras)
+    tok = load_tokenizer(tokenizer or model)
+    if len(tok) > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer or model} has {len(tok)} tokens, model {model} only {cfg.vocab_size}")
+    return ChatModel(name or str(model), cfg, jax.device_put(params), tok, stop_token_ids(tok))
+
+
+def generate_texts(model: ChatModel, samples: Sequence[Sample], settings: GenerationSettings,
+                   progress: bool | str = False) -> list[str]:
+    """Greedy answers to the samples' chat prompts, in order. Prompts are decoded in batches of similar
+    length (fewer padded positions and compiled shapes); `progress` (True or a label) shows a tqdm bar."""
+    import functools
+
+    from tqdm.auto import tqdm
+
+    from reclm_jax.llm.sampling import generate
+    from reclm_jax.sft.validation import greedy_answer
+    from reclm_jax.tasks.tokenize import prompt_ids
+
+    prompts = [prompt_ids(s, model.tokenizer, settings.max_prompt_tokens) for s in samples]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    answer = greedy_answer(functools.partial(generate, model.params, model.cfg), model.tokenizer,
+                           settings.batch_size, settings.max_new_tokens, model.stop_ids, pad)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    texts: list[str] = [""] * len(prompts)
+    label = progress if isinstance(progress, str) else model.name
+    with tqdm(total=len(prompts), desc=label, unit="answer", disable=not progress) as bar:
+        for start in range(0, len(order), settings.batch_size):  # one batch at a time, for the progress bar
+            rows = order[start:start + settings.batch_size]
+            for row, text in zip(rows, answer([prompts[i] for i in rows])):
+                texts[row] = text
+            bar.update(len(rows))
+    return texts
+
+
+def generate_answers(model: ChatModel, eval_set: EvalSet, settings: GenerationSettings,
+                     progress: bool = True) -> dict[str, list[str]]:
+    """{task: answers in the order of eval_set.tasks[task]}; all tasks are decoded in one length-sorted stream."""
+    names = list(eval_set.tasks)
+    flat = [s for name in names for s in eval_set.tasks[name]]
+    texts = generate_texts(model, flat, settings, progress=progress and f"{model.name}: test tasks")
+    out, start = {}, 0
+    for name in names:
+        n = len(eval_set.tasks[name])
+        out[name] = texts[start:start + n]
+        start += n
+    return out
+
+
+# ---- scoring -------------------------------------------------------------------------------------------
+def _in_category(ids: list[list[int]], categories: Sequence[int], category_matrix: np.ndarray) -> list[list[bool]]:
+    """Per list and item: the item is known and in the list's category."""
+    return [[bool(i >= 0 and category_matrix[i, c]) for i in row] for row, c in zip(ids, categories)]
+
+
+def _control_metrics(task: str, samples: Sequence[Sample], ids: list[list[int]],
+                     category_matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """The control metrics of `task` for lists `ids` (answers to `samples` or to their plain prompts)."""
+    if not samples or samples[0].control is None or samples[0].control.kind == "seq":
+        return {}
+    k = [s.k for s in samples]
+    hist = [s.history for s in samples]
+    target = [s.target for s in samples]
+    c1 = _in_category(ids, [s.controls[0][1] for s in samples], category_matrix)
+    if len(samples[0].controls) == 1:
+        res = evaluate_batch(ids, k, hist, target, c1, [s.control for s in samples])
+        return {m: res[m] for m in ("TCP@K", "CPA") if m in res}
+    c2 = _in_category(ids, [s.controls[1][1] for s in samples], category_matrix)
+    first = samples[0].control.kind
+    if first == "+c":  # +C1 & -C2
+        c1_not_2 = [[a and not b for a, b in zip(r1, r2)] for r1, r2 in zip(c1, c2)]
+        return {"TC1not2P@K": evaluate_batch(ids, k, hist, target, c1_not_2)["TCP@K"]}
+    if first == "<=":  # C1 <= m & -C2
+        return {"C1PA": evaluate_batch(ids, k, hist, target, c1, [s.control for s in samples])["CPA"],
+                "TC2P@K": evaluate_batch(ids, k, hist, target, c2)["TCP@K"]}
+    raise ValueError(f"task {task}: no metrics defined for the combination {[c.kind for c, _ in samples[0].controls]}")
+
+
+def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain: list[list[int]] | None,
+               category_matrix: np.ndarray) -> dict[str, float]:
+    """Mean metrics of one task (see the module docstring) from the answers' parsed item ids; `plain` holds
+    each sample's user's parsed SeqRec answer, for the "/no_control" values (None: not measured)."""
+    if not samples:
+        return {"n": 0}
+    k = [s.k for s in samples]
+    hist = [s.history for s in samples]
+    target = [s.target for s in samples]
+    per_list = evaluate_batch(ids, k, hist, target)
+    if task == SEQREC:
+        at5 = evaluate_batch(ids, 5, hist, target)
+        per_list |= {"HR@5": at5["HR@K"], "NDCG@5": at5["NDCG@K"]}
+    per_list |= _control_metrics(task, samples, ids, category_matrix)
+    if plain is not None:
+        base = _control_metrics(task, samples, plain, category_matrix)
+        per_list |= {m + NO_CONTROL: v for m, v in base.items()}
+    per_list["Unparsed"] = 100.0 * np.array([len(row) == 0 for row in ids], dtype=np.float64)
+    return aggregate(per_list) | {"n": len(samples)}
+
+
+def parse_answers(answers: Sequence[str], catalogue: Catalogue) -> list[list[int]]:
+    """Item ids of each answer's list (-1 for a title not in the catalogue)."""
+    return [[it.item_id for it in catalogue.parse(text)] for text in answers]
+
+
+def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], dataset: Dataset,
+                  catalogue: Catalogue) -> dict[str, dict[str, float]]:
+    """{task: metrics} for every task of `eval_set` (answers[task] in the order of its samples)."""
+    missing = [t for t in eval_set.tasks if t not in answers]
+    if missing:
+        raise ValueError(f"no answers for tasks {missing}")
+    ids = {}
+    for task, samples in eval_set.tasks.items():
+        if len(answers[task]) != len(samples):
+            raise ValueError(f"task {task}: {len(answers[task])} answers for {len(samples)} samples")
+        ids[task] = parse_answers(answers[task], catalogue)
+    plain_by_user = {s.user: row for s, row in zip(eval_set.tasks.get(SEQREC, []), ids.get(SEQREC, []))}
+    out = {}
+    for task, samples in eval_set.tasks.items():
+        plain = None
+        if task != SEQREC and all(s.user in plain_by_user for s in samples):
+            plain = [plain_by_user[s.user] for s in samples]
+        out[task] = score_task(task, samples, ids[task], plain, dataset.category_matrix)
+    return out
+
+
+def teacher_metrics(teacher, eval_set: EvalSet, dataset: Dataset) -> dict[str, dict[str, float]]:
+    """The teacher's row of Table 2: its top-10 for the SeqRec test users (all items the user has seen are
+    excluded, as in the teacher's own full-ranking evaluation), scored like an answer list."""
+    samples = eval_set.tasks[SEQREC]
+    if not samples:
+        return {SEQREC: {"n": 0}}
+    histories = [dataset.test_example(s.user)[0] for s in samples]
+    k = max(s.k for s in samples)
+    top = teacher.topk(histories, k)
+    ids = [[int(i) for i in row[: s.k]] for row, s in zip(top, samples)]
+    hist = [s.history for s in samples]
+    target = [s.target for s in samples]
+    res = evaluate_batch(ids, [s.k for s in samples], hist, target)
+    at5 = evaluate_batch(ids, 5, hist, target)
+    per_list = {"HR@K": res["HR@K"], "NDCG@K": res["NDCG@K"], "HR@5": at5["HR@K"], "NDCG@5": at5["NDCG@K"]}
+    return {SEQREC: aggregate(per_list) | {"n": len(samples)}}
+
+
+def answer_records(eval_set: EvalSet, answers: dict[str, Sequence[str]], catalogue: Catalogue) -> list[dict]:
+    """One JSON-able record per answer (task, user, k, target, control, text, parsed ids) for inspection."""
+    records = []
+    for task, samples in eval_set.tasks.items():
+        for s, text, row in zip(samples, answers[task], parse_answers(answers[task], catalogue)):
+            records.append({
+                "task": task, "user": s.user, "k": s.k, "target": s.target,
+                "controls": [[c.kind, c.m, cat] for c, cat in s.controls],
+                "answer": text, "items": row,
+            })
+    return records
+
+
+
+# ---- several models, the teacher, tables ---------------------------------------------------------------
+TEACHER_ROW = "SASRec"
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One row of the tables: a base model (preset, GGUF or HF directory) with LoRA adapters merged in order."""
+
+    label: str
+    model: str
+    loras: tuple[str, ...] = ()
+    tokenizer: str | None = None  # default: the model's own
+
+
+def _fingerprint(path: str | None) -> list | None:
+    """What identifies a model/adapter path's contents cheaply: its files' names, sizes and mtimes."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        return [str(path)]  # a preset name
+    files = sorted(f for f in (p.iterdir() if p.is_dir() else [p]) if f.is_file())
+    return [str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def run_slug(label: str) -> str:
+    """The folder name of a row's files under <out>/runs/."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label).strip("_") or "model"
+
+
+def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir: str | Path, *,
+                   task_cfg: TaskConfig, settings: GenerationSettings = GenerationSettings(),
+                   fuzzy: bool = False, force: bool = False, teacher_path: str | None = None,
+                   progress: bool = True) -> list[tuple[str, dict]]:
+    """Evaluate each run on the test set of `task_cfg` (seed, test_users) and write, under `out_dir`,
+    runs/<label>/{metrics.json, answers.jsonl} and the tables (`tables.write_tables`). A run whose
+    metrics.json was made with the same settings (model and adapter files, test set, decoding) is read
+    back instead of decoded again unless `force`. Returns the table rows: the teacher's, then one per run.
+    Titles are shown and matched as the first run's tokenizer cuts them (`tasks.tokenize.display_titles`)."""
+    from reclm_jax.eval.tables import write_tables
+    from reclm_jax.llm.tokenizer import load_tokenizer
+    from reclm_jax.tasks.evaluation import build_eval_set
+    from reclm_jax.tasks.samples import TaskContext
+    from reclm_jax.tasks.tokenize import display_titles
+
+    labels = [r.label for r in runs]
+    if not runs or len(set(labels)) != len(labels) or TEACHER_ROW in labels:
+        raise ValueError(f"row labels must be unique and not {TEACHER_ROW!r}, got {labels}")
+    if teacher.num_items != dataset.num_items:
+        raise ValueError(f"the teacher has {teacher.num_items} items, dataset {dataset.name} {dataset.num_items}")
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(runs[0].tokenizer or runs[0].model)
+    titles = display_titles(dataset.titles, tokenizer, task_cfg.max_title_tokens)
+    eval_set = build_eval_set(TaskContext(dataset, teacher, task_cfg, titles=titles), "test")
+    catalogue = Catalogue(titles, fuzzy=fuzzy)
+    print(f"test set of {dataset.name}: " + ", ".join(f"{t} {len(s)}" for t, s in eval_set.tasks.items())
+          + " answers per model" + "".join(f"; {t}: {n} users skipped" for t, n in eval_set.skipped.items() if n),
+          file=sys.stderr)
+
+    rows = [(TEACHER_ROW, teacher_metrics(teacher, eval_set, dataset))]
+    shared = {"dataset": dataset.name, "num_items": dataset.num_items, "teacher": _fingerprint(teacher_path),
+              "seed": task_cfg.seed, "test_users": task_cfg.test_users, "fuzzy": fuzzy, **asdict(settings)}
+    shared.pop("batch_size")  # does not change greedy answers
+    for run in runs:
+        run_dir = out_dir / "runs" / run_slug(run.label)
+        result_file = run_dir / "metrics.json"
+        wanted = shared | {"model": _fingerprint(run.model), "loras": [_fingerprint(p) for p in run.loras],
+                           "tokenizer": run.tokenizer}
+        if not force and result_file.is_file():
+            saved = json.loads(result_file.read_text())
+            if saved.get("settings") == wanted:
+                print(f"{run.label}: results in {result_file} match these settings; reusing them", file=sys.stderr)
+                rows.append((run.label, saved["metrics"]))
+                continue
+        model = load_chat_model(run.model, run.loras, run.tokenizer, name=run.label)
+        start = time.perf_counter()
+        answers = generate_answers(model, eval_set, settings, progress=progress)
+        seconds = time.perf_counter() - start
+        del model
+        metrics = score_answers(eval_set, answers, dataset, catalogue)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
+            for record in answer_records(eval_set, answers, catalogue):
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        result_file.write_text(json.dumps({"model": run.label, "settings": wanted, "generation_seconds": seconds,
+                                           "metrics": metrics}, indent=1) + "\n")
+        print(f"{run.label}: {sum(len(a) for a in answers.values())} answers in {seconds:.0f} s", file=sys.stderr)
+        rows.append((run.label, metrics))
+    write_tables(rows, out_dir)
+    return rows

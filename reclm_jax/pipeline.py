@@ -1,0 +1,172 @@
+"""The whole method, end to end: dataset -> teacher -> SFT -> PPO -> evaluation -> export.
+
+Each stage writes into its own folder under `out_dir` and is skipped when its output already exists, so an
+interrupted pipeline resumes where it stopped (and the SFT/PPO stages resume inside themselves too). The stage
+configs are the stages' own dataclasses; the pipeline fills in the paths that connect them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from reclm_jax.data.config import DataConfig
+from reclm_jax.eval.evaluate import GenerationSettings
+from reclm_jax.rl.config import PPOConfig
+from reclm_jax.sft.config import SFTConfig
+from reclm_jax.teacher.config import TeacherConfig
+
+STAGES = ("teacher", "sft", "ppo", "evaluate", "export")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    users: int | None = 50  # test users per task (None: every user, as the paper)
+    seed: int = 0
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    out_dir: str = "runs/pipeline"
+    stages: tuple[str, ...] = STAGES  # which stages to run, in pipeline order
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # out_dir, teacher and data are set by the pipeline
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # likewise, plus model.sft_adapter
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage writes, and the file whose presence means the stage is done."""
+
+    root: Path
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def sft_adapter(self) -> Path:
+        return self.sft / "adapter"
+
+    @property
+    def ppo(self) -> Path:
+        return self.root / "ppo"
+
+    @property
+    def ppo_adapter(self) -> Path:
+        return self.ppo / "actor"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    def done(self, stage: str) -> bool:
+        marker = {
+            "teacher": self.teacher / "metrics.json",
+            "sft": self.sft_adapter / "adapter_config.json",
+            "ppo": self.ppo_adapter / "adapter_config.json",
+            "evaluate": self.eval / "tables.md",
+            "export": self.export / "config.json",
+        }[stage]
+        return marker.is_file()
+
+
+def stage_configs(cfg: PipelineConfig) -> tuple[SFTConfig, PPOConfig]:
+    """The SFT and PPO configs with the pipeline's paths and dataset filled in."""
+    lay = Layout(Path(cfg.out_dir))
+    sft = replace(cfg.sft, out_dir=str(lay.sft), teacher=str(lay.teacher), data=cfg.data)
+    ppo = replace(
+        cfg.ppo,
+        out_dir=str(lay.ppo),
+        teacher=str(lay.teacher),
+        data=cfg.data,
+        model=replace(cfg.ppo.model, base=cfg.sft.model.base, tokenizer=cfg.sft.model.tokenizer,
+                      sft_adapter=str(lay.sft_adapter)),
+    )
+    return sft, ppo
+
+
+def run(cfg: PipelineConfig, *, progress: bool = True) -> Path:
+    """Run the configured stages; returns the folder holding the evaluation tables."""
+    from reclm_jax import config as config_lib
+    from reclm_jax.data.load import load_dataset
+
+    lay = Layout(Path(cfg.out_dir))
+    lay.root.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, lay.root / "pipeline.yaml")
+    sft_cfg, ppo_cfg = stage_configs(cfg)
+    dataset = load_dataset(cfg.data)
+    _say(f"dataset {dataset.name}: {dataset.num_users} users, {dataset.num_items} items")
+
+    for stage in cfg.stages:
+        if lay.done(stage):
+            _say(f"[{stage}] done already in {lay.root}, skipped")
+            continue
+        _say(f"[{stage}] ...")
+        if stage == "teacher":
+            from reclm_jax.teacher.train import train_teacher
+
+            train_teacher(dataset, cfg.teacher, lay.teacher, progress=progress)
+        elif stage == "sft":
+            from reclm_jax.sft.trainer import run as run_sft
+
+            run_sft(sft_cfg, progress=progress)
+        elif stage == "ppo":
+            from reclm_jax.rl.trainer import run as run_ppo
+
+            run_ppo(ppo_cfg, progress=progress)
+        elif stage == "evaluate":
+            _evaluate(cfg, lay, dataset, sft_cfg, progress)
+        elif stage == "export":
+            _export(cfg, lay, sft_cfg)
+    return lay.eval
+
+
+def _evaluate(cfg: PipelineConfig, lay: Layout, dataset, sft_cfg: SFTConfig, progress: bool) -> None:
+    from reclm_jax.eval.evaluate import ModelRun, run_evaluation
+    from reclm_jax.teacher.query import Teacher
+
+    base, tok = sft_cfg.model.base, sft_cfg.model.tokenizer
+    runs = [ModelRun(f"{base} (zero-shot)", base, (), tok)]
+    if lay.done("sft"):
+        runs.append(ModelRun("SFT", base, (str(lay.sft_adapter),), tok))
+    if lay.done("ppo"):
+        runs.append(ModelRun("SFT + PPO", base, (str(lay.sft_adapter), str(lay.ppo_adapter)), tok))
+    task_cfg = replace(sft_cfg.tasks, seed=cfg.eval.seed, test_users=cfg.eval.users, sharegpt_ratio=0.0)
+    run_evaluation(dataset, Teacher.load(lay.teacher), runs, lay.eval, task_cfg=task_cfg,
+                   settings=cfg.eval.generation, teacher_path=str(lay.teacher), progress=progress)
+    _say((lay.eval / "tables.md").read_text())
+
+
+def _export(cfg: PipelineConfig, lay: Layout, sft_cfg: SFTConfig) -> None:
+    """The final model (base + SFT + PPO adapters, merged) as a Hugging Face directory for vLLM."""
+    import jax
+
+    from reclm_jax.llm import hf_io
+    from reclm_jax.llm.tokenizer import load_tokenizer
+
+    adapters = [a for a in (lay.sft_adapter, lay.ppo_adapter) if (a / "adapter_config.json").is_file()]
+    model_cfg, params = hf_io.load_merged(sft_cfg.model.base, adapters)
+    hf_io.save_hf_dir(lay.export, jax.device_get(params), model_cfg, tokenizer=load_tokenizer(sft_cfg.model.tokenizer))
+    _say(f"[export] merged Hugging Face model in {lay.export} (serve it with: vllm serve {lay.export})")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,186 @@
+"""Every setting of the RL stage (paper section 2.3.3; notes/reference-implementation.md, "RL stage").
+
+Defaults are the paper's where it states them, else the official code's:
+- eta (kl_coef) 0.3, gamma 0.99, lambda 0.95, ratio clip 0.2, critic loss weight 0.5 (paper);
+- value clip 0.2, entropy bonus 0.01, AdamW lr 5e-6, gradient clip 0.5, 4 PPO epochs, early stop when the
+  approximate KL exceeds 0.05 (official code; lambda there is 1.0, the paper's 0.95 is used);
+- actor and critic LoRA r 4, alpha 2 (paper), no LoRA dropout (dropout would make the first PPO ratio differ
+  from 1 and the sampled log-probs differ from the trained ones);
+- 2 responses per prompt at temperature 0.7 (paper; the official code makes one of the two greedy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reclm_jax.data.config import DataConfig
+from reclm_jax.llm.config import DTYPES, LAYER_TARGETS, PRESETS, REMAT_POLICIES, LoraConfig
+from reclm_jax.rl.rewards import RewardOptions
+from reclm_jax.tasks.config import TaskConfig
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The SFT model that the policy, the critic and the reference share (as SFT's `model` section, plus the
+    SFT adapter to merge)."""
+
+    # A preset with embedded weights ("smollm2-135m"), a .gguf file or a Hugging Face directory (SFT's merged
+    # export); with random_init a `llm.config.PRESETS` name (smoke runs and tests).
+    base: str = "smollm2-135m"
+    random_init: bool = False  # random base weights from `seed`; vocab_size becomes the tokenizer's
+    sft_adapter: str | None = None  # a PEFT adapter directory (the SFT LoRA), merged into `base` once at load
+    tokenizer: str = "smollm2-135m"  # `llm.tokenizer.load_tokenizer` name or path
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.random_init and self.base not in PRESETS:
+            raise ValueError(f"model.base {self.base!r} must be one of {sorted(PRESETS)} with model.random_init")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+
+@dataclass(frozen=True)
+class AdapterSection:
+    """A LoRA adapter of the RL stage (its own defaults: r 4, alpha 2, no dropout)."""
+
+    rank: int = 4
+    alpha: float = 2.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LAYER_TARGETS
+
+    def __post_init__(self):
+        self.lora()  # validates
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+
+@dataclass(frozen=True)
+class PromptSection:
+    """The RL prompts (`tasks.training.rl_prompts`): one per user per epoch, I0/+C/-C/<=/>=/~ uniform."""
+
+    seed: int = 0
+    k: tuple[int, int] = (6, 10)  # k uniform in this range (the official code)
+    max_history: int = 10
+    max_title_tokens: int = 64  # titles shown (and matched) as SFT shows them: cut to this many tokens
+
+    def tasks(self) -> TaskConfig:
+        return TaskConfig(seed=self.seed, task_set="v1", sharegpt_ratio=0.0, rl_k=tuple(self.k),
+                          max_history=self.max_history, max_title_tokens=self.max_title_tokens)
+
+    def __post_init__(self):
+        self.tasks()  # validates
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_step: int = 16  # RL prompts sampled per PPO step (x responses_per_prompt sequences)
+    responses_per_prompt: int = 2
+    temperature: float = 0.7
+    top_k: int = 0  # 0 = off (the paper states none; the official code's sampled response uses 20)
+    top_p: float = 1.0
+    max_new_tokens: int = 160  # ~112 tokens for a top-10 list of Movie titles (paper section 3)
+    max_prompt_tokens: int = 512  # prompts are cut from the left to this many tokens (the paper)
+    fuzzy_titles: bool = False  # also match titles within Levenshtein distance 3 (the official code's option)
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "responses_per_prompt", "max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 (PPO needs sampled responses), got {self.temperature}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_k must be >= 0 and rollout.top_p in (0, 1], got {self.top_k}, {self.top_p}")
+
+
+@dataclass(frozen=True)
+class PPOHyper:
+    kl_coef: float = 0.3  # eta of Eq. 6: r_t -= eta * (log pi(y_t) - log pi_ref(y_t))
+    whiten_rewards: bool = True  # per-token rewards to unit std over response tokens, mean kept
+    gamma: float = 0.99
+    lam: float = 0.95
+    clip_eps: float = 0.2  # ratio clip
+    value_clip: float = 0.2
+    vf_coef: float = 0.5  # critic loss weight
+    ent_coef: float = 0.01  # entropy bonus
+    epochs: int = 4  # passes over the rollout batch per step
+    minibatches: int = 4  # minibatches per epoch; the rollout batch must divide evenly
+    target_kl: float | None = 0.05  # skip the remaining minibatch updates once approx KL exceeds it; None = off
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.5  # global norm over actor and critic gradients together
+    # False: PPO's old log-probs are the sampler's (kept from sampling). True: recompute them with the training
+    # forward pass (one more no-grad forward per step), so that ratio and KL compare log-probs of one code
+    # path; worth it in bfloat16, where the KV-cache decode and the full forward round differently.
+    recompute_logprobs: bool = False
+
+    def __post_init__(self):
+        for name in ("epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("kl_coef", "value_clip", "vf_coef", "ent_coef", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.clip_eps < 1.0:
+            raise ValueError(f"ppo.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.lr <= 0:
+            raise ValueError(f"ppo.lr must be > 0, got {self.lr}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"ppo.target_kl must be > 0 or null (off), got {self.target_kl}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 1000  # PPO steps (one rollout batch and its update each)
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    data_parallel: int | None = None  # devices on the batch axis of the mesh (None: all devices)
+
+    def __post_init__(self):
+        for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_parallel is not None and self.data_parallel < 1:
+            raise ValueError(f"train.data_parallel must be >= 1 or null, got {self.data_parallel}")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    out_dir: str = "runs/ppo"
+    teacher: str = "runs/teacher"  # a trained teacher directory (`reclm-jax teacher train --out ...`)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0  # adapters, value head, random base weights, sampling, minibatch order
+    model: ModelSection = field(default_factory=ModelSection)
+    actor_lora: AdapterSection = field(default_factory=AdapterSection)
+    critic_lora: AdapterSection = field(default_factory=AdapterSection)
+    value_head_width: int = 64  # Linear(h, 64) -> GELU -> Linear(64, 1)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardOptions = field(default_factory=RewardOptions)  # rewards.item_level=false: Ours_v3
+    ppo: PPOHyper = field(default_factory=PPOHyper)
+    prompts: PromptSection = field(default_factory=PromptSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        if self.value_head_width < 1:
+            raise ValueError(f"value_head_width must be >= 1, got {self.value_head_width}")
+        batch = self.rollout.prompts_per_step * self.rollout.responses_per_prompt
+        if batch % self.ppo.minibatches:
+            raise ValueError(f"rollout.prompts_per_step x rollout.responses_per_prompt = {batch} sequences must "
+                             f"divide into ppo.minibatches = {self.ppo.minibatches}")
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per PPO step."""
+        return self.rollout.prompts_per_step * self.rollout.responses_per_prompt

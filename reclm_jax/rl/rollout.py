@@ -1,0 +1,168 @@
+"""Rollouts: sample responses with the policy, score them with the paper's rule rewards on the host, and build
+the per-token batch that `update.ppo_update` trains on.
+
+    prompts = prompts_from_samples(samples, tokenizer, max_prompt_tokens)     # tasks' RL samples -> token ids
+    gen = sample(base, actor_lora, prompts, key, model_cfg=..., actor_cfg=..., rollout=..., stop_ids=..., pad_id=...)
+    scores, stats = scorer.score(prompts, gen.tokens, gen.lengths, responses_per_prompt)
+    batch = build_batch(prompts, gen, scores, responses_per_prompt, pad_id)
+
+Sampling runs the jitted KV-cache sampler on the policy (base + actor LoRA) at the configured temperature,
+`responses_per_prompt` independent draws per prompt (rows r * n ... r * n + n - 1 belong to prompt r), and keeps
+each sampled token's log-probability under the policy itself (temperature 1): the PPO ratio's denominator.
+
+Scoring decodes each response from its sampled ids, parses the items (`eval.parse`, title spans), asks the
+teacher for the ranks of all known items of the batch in one batched call, computes R_item and 10 x R_list
+(`rewards.batch_rewards`) and puts them on the sampled tokens (`placement`). The text is never re-rendered or
+re-encoded (the official code trains on a re-rendered copy of the parsed list): the policy is trained on
+exactly what it sampled, so format errors (bad numbering, chatter, unknown titles) carry their penalty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import numpy as np
+
+from reclm_jax.eval import metrics
+from reclm_jax.eval.controls import Control
+from reclm_jax.eval.parse import Catalogue
+from reclm_jax.llm import sampling
+from reclm_jax.llm.config import LlamaConfig, LoraConfig
+from reclm_jax.rl.config import RolloutConfig
+from reclm_jax.rl.placement import place_rewards
+from reclm_jax.rl.rewards import RewardOptions, batch_rewards
+
+# `eval.metrics` of the sampled lists: formatting-error rates, and accuracy against the target
+FORMAT_METRICS = ("CorrectCount", "NonExist@K", "RepeatItem@K", "InHistory@K")
+ACCURACY_METRICS = ("HR@K", "NDCG@K")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One RL instruction: its prompt token ids and what its rewards need."""
+
+    tokens: tuple[int, ...]
+    history: tuple[int, ...]
+    target: int
+    k: int
+    control: Control = Control("seq")
+    category: int = -1  # the control's category C (-1: none, for I0)
+
+
+def prompts_from_samples(samples: Sequence[Any], tokenizer: Any, max_prompt_tokens: int) -> list[Prompt]:
+    """`tasks` RL samples -> Prompts, rendered with the tokenizer's chat template as SFT renders them."""
+    from reclm_jax.tasks.tokenize import prompt_ids
+
+    return [Prompt(tokens=tuple(prompt_ids(s, tokenizer, max_prompt_tokens)), history=tuple(s.history),
+                   target=s.target, k=s.k, control=s.control or Control("seq"), category=s.category)
+            for s in samples]
+
+
+def sample(base, actor, prompts: Sequence[Prompt], key: jax.Array, *, model_cfg: LlamaConfig,
+           actor_cfg: LoraConfig, rollout: RolloutConfig, stop_ids: Sequence[int],
+           pad_id: int) -> sampling.GenerationResult:
+    """`rollout.responses_per_prompt` sampled responses per prompt from the policy (base + actor LoRA)."""
+    rows = [list(p.tokens) for p in prompts for _ in range(rollout.responses_per_prompt)]
+    return sampling.generate(base, model_cfg, rows, max_new_tokens=rollout.max_new_tokens,
+                             temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p, rng=key,
+                             eos_ids=stop_ids, pad_id=pad_id, lora=actor, lora_cfg=actor_cfg)
+
+
+def decoder(tokenizer: Any):
+    """The one decode function of the RL stage: special tokens dropped, spaces left exactly as sampled."""
+    return partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class Scorer:
+    """Rule rewards of sampled responses, placed on their tokens (see the module docstring)."""
+
+    def __init__(self, catalogue: Catalogue, teacher: Any, category_matrix: np.ndarray, decode,
+                 options: RewardOptions = RewardOptions()):
+        self.catalogue = catalogue
+        self.teacher = teacher
+        self.category_matrix = np.asarray(category_matrix, bool)
+        self.decode = decode
+        self.options = options
+
+    def score(self, prompts: Sequence[Prompt], tokens: np.ndarray, lengths: np.ndarray, responses_per_prompt: int,
+              stop_ids: Sequence[int] = ()) -> tuple[np.ndarray, dict[str, float]]:
+        """(scores [N, W] float32 with W = tokens.shape[1], statistics) for N = len(prompts) x responses_per_prompt
+        responses; response i answers prompts[i // responses_per_prompt] and has lengths[i] sampled tokens."""
+        n = len(lengths)
+        if n != len(prompts) * responses_per_prompt:
+            raise ValueError(f"{n} responses for {len(prompts)} prompts x {responses_per_prompt}")
+        owners = [prompts[i // responses_per_prompt] for i in range(n)]
+        responses = [np.asarray(tokens[i, : lengths[i]]).tolist() for i in range(n)]
+        texts = [self.decode(r) for r in responses]
+        parsed = [self.catalogue.parse(t) for t in texts]
+        item_ids = [[it.item_id for it in items] for items in parsed]
+
+        # All teacher ranks of the batch in one call. Only the first k items of a list can be legal, so only
+        # theirs are asked (unknown items as item 0; the rewards ignore the rank of an illegal item), and the
+        # width is bucketed so the teacher's jitted query compiles for a few shapes only.
+        asked_len = [min(len(ids), p.k) for ids, p in zip(item_ids, owners)]
+        asked = np.zeros((n, sampling.bucket(max([1, *asked_len]))), np.int64)
+        for i, ids in enumerate(item_ids):
+            asked[i, : asked_len[i]] = np.maximum(ids[: asked_len[i]], 0)
+        asked_ranks = self.teacher.rank([list(p.history) for p in owners], asked)
+        ranks = [np.pad(asked_ranks[i, : asked_len[i]], (0, len(ids) - asked_len[i]))
+                 for i, ids in enumerate(item_ids)]
+        in_target = [[p.category >= 0 and item >= 0 and bool(self.category_matrix[item, p.category]) for item in ids]
+                     for p, ids in zip(owners, item_ids)]
+        r_item, r_list = batch_rewards(item_ids, [p.k for p in owners], [p.history for p in owners],
+                                       [p.target for p in owners], ranks, in_target, [p.control for p in owners],
+                                       self.options)
+
+        scores = np.stack([
+            place_rewards(responses[i], self.decode, texts[i], [it.end for it in parsed[i]],
+                          r_item[i, : len(parsed[i])], float(r_list[i]), tokens.shape[1])
+            for i in range(n)
+        ])
+        counts = np.array([len(ids) for ids in item_ids])
+        fmt = metrics.evaluate_batch(item_ids, [p.k for p in owners], [p.history for p in owners],
+                                     [p.target for p in owners])
+        stopped = np.array([bool(r) and r[-1] in set(stop_ids) for r in responses]) if stop_ids else None
+        stats = {
+            "reward": float(scores.sum(1).mean()),  # rule reward per response: sum of R_item + scale x R_list
+            "r_item": float(sum(r_item[i, :c].sum() for i, c in enumerate(counts)) / max(counts.sum(), 1)),
+            "r_list": float(np.mean(r_list) / self.options.list_scale),  # R_list of Eq. 5
+            "items_per_response": float(counts.mean()),
+            "empty_rate": float(100.0 * np.mean(counts == 0)),  # % of responses with no parsed item
+            "response_tokens": float(np.mean(lengths)),
+            **{f"format/{name}": float(np.mean(fmt[name])) for name in FORMAT_METRICS},
+            **{f"sample/{name}": float(np.mean(fmt[name])) for name in ACCURACY_METRICS},
+        }
+        if stopped is not None:
+            stats["truncated_rate"] = float(100.0 * np.mean(~stopped))  # % cut at max_new_tokens
+        return scores, stats
+
+
+def build_batch(prompts: Sequence[Prompt], gen: sampling.GenerationResult, scores: np.ndarray,
+                responses_per_prompt: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The `update.ppo_update` batch: prompts left-padded to P = bucket(longest prompt), responses right-padded
+    to R = bucket(max_new_tokens) (`sampling.bucket`): R does not depend on what was sampled, and P takes a few
+    values, so a run compiles the update for a few shapes only."""
+    n = len(gen.lengths)
+    rows = [prompts[i // responses_per_prompt].tokens for i in range(n)]
+    p_len = sampling.bucket(max(len(r) for r in rows))
+    r_len = sampling.bucket(gen.tokens.shape[1])
+    prompt_tokens, prompt_mask = sampling.left_pad(rows, p_len, pad_id)
+    response_mask = np.arange(r_len)[None, :] < gen.lengths[:, None]
+
+    def right(x, fill=0):
+        out = np.full((n, r_len), fill, x.dtype)
+        width = min(r_len, x.shape[1])
+        out[:, :width] = x[:, :width]
+        return np.where(response_mask, out, fill)
+
+    return {
+        "tokens": np.concatenate([prompt_tokens, right(gen.tokens, pad_id)], axis=1).astype(np.int32),
+        "attention_mask": np.concatenate([prompt_mask, response_mask], axis=1),
+        "response_mask": response_mask.astype(np.float32),
+        "logprobs": right(gen.logprobs).astype(np.float32),
+        "scores": right(scores).astype(np.float32),
+    }

@@ -1,0 +1,205 @@
+"""One PPO update as a single jitted function over a rollout batch (the math is `ppo_math`'s).
+
+    state = init_state(key, base, model_cfg, cfg)              # adapters + value head + optimiser state
+    state, metrics = ppo_update(base, state, batch, key, model_cfg=..., actor_cfg=..., critic_cfg=..., hyper=...)
+
+Three models share one copy of the frozen base weights `base` (the SFT-merged model):
+- policy = base + actor LoRA (trained);
+- critic = base + critic LoRA + value head (all trained: the head is in the optimised state, unlike the
+  official code's, which never reaches its optimiser);
+- reference = base with no adapter. `base` is never updated and never donated, so the reference is the SFT
+  model for the whole run (the official code trains the lm_head, which its reference shares, so its
+  reference drifts).
+
+A rollout `batch` (see `rollout.py`) is a dict of arrays, one row per sampled sequence:
+    tokens [N, P+R] int32       the prompt left-padded to P tokens, then the sampled response right-padded to R
+    attention_mask [N, P+R]     real tokens
+    response_mask [N, R] f32    1 on the sampled tokens (the stop token included)
+    logprobs [N, R] f32         log pi(y_t) of each sampled token at sampling time (temperature 1)
+    scores [N, R] f32           the placed rule rewards: R_item on each item's last token, 10 R_list on the last
+Per-token arrays are aligned with the response: column j is response token j, predicted from the state at
+sequence position P + j - 1 (its value is read from the same hidden state).
+
+The update, all inside one jit: reference log-probs and critic values of the batch (in minibatch chunks, no
+gradient), and with `recompute_logprobs` the policy's log-probs too (replacing the sampler's, see PPOHyper);
+per-token rewards scores - eta * KL; reward whitening to unit std with the mean kept (TRL's shift_mean=False);
+GAE as a reverse scan; advantage whitening; then `epochs` passes over shuffled minibatches (`lax.scan`), each
+minibatch a clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy, one AdamW step after global-norm
+clipping. Early stop: once a minibatch's approximate KL to the sampling policy (measured in its own forward
+pass, before its step) exceeds `target_kl`, that step and all later ones in this update are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from reclm_jax.llm import lora as lora_lib
+from reclm_jax.llm import model
+from reclm_jax.llm.config import LlamaConfig, LoraConfig
+from reclm_jax.rl import critic, ppo_math as pm
+from reclm_jax.rl.config import PPOConfig, PPOHyper
+
+Params = dict[str, Any]
+BATCH_KEYS = ("tokens", "attention_mask", "response_mask", "logprobs", "scores")
+
+
+def optimizer(hyper: PPOHyper) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(hyper.grad_clip),
+        optax.adamw(hyper.lr, b1=hyper.adam_b1, b2=hyper.adam_b2, eps=hyper.adam_eps, weight_decay=hyper.weight_decay),
+    )
+
+
+def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOConfig) -> Params:
+    """Fresh actor LoRA, critic LoRA and value head (the trained parameters), their optimiser state, step 0."""
+    k_actor, k_critic, k_head = jax.random.split(key, 3)
+    trainable = {
+        "actor": lora_lib.init(k_actor, base, model_cfg, cfg.actor_lora.lora()),
+        "critic": {"lora": lora_lib.init(k_critic, base, model_cfg, cfg.critic_lora.lora()),
+                   "head": critic.init_head(k_head, model_cfg.hidden_size, cfg.value_head_width)},
+    }
+    return {"params": trainable, "opt": optimizer(cfg.ppo).init(trainable), "step": jnp.zeros((), jnp.int32)}
+
+
+def _response_forward(base, model_cfg, tokens, attention_mask, adapter, adapter_cfg, response_len, rng=None):
+    """(logits [N, R, V], hidden [N, R, D]) at the positions that predict the R response tokens.
+
+    Logits are computed for those positions only: the model's all-position logits are unused, so XLA drops
+    them (over a 512-token prompt and a 32k-50k vocabulary they would dominate the update's cost)."""
+    _, hidden, _ = model.forward(base, model_cfg, tokens, model.positions_from_mask(attention_mask),
+                                 attention_mask=attention_mask, lora=adapter, lora_cfg=adapter_cfg, dropout_rng=rng)
+    hidden = hidden[:, tokens.shape[1] - response_len - 1:tokens.shape[1] - 1]
+    return model.lm_logits(base, model_cfg, hidden, adapter, adapter_cfg, rng), hidden
+
+
+def _gather_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def score_batch(base, trainable, batch, *, model_cfg, actor_cfg, critic_cfg, chunks: int, policy: bool):
+    """Reference log-probs, critic values and (if `policy`) the policy's own log-probs, all [N, R], of a rollout
+    batch; no gradient, `chunks` groups of rows at a time (memory of one minibatch)."""
+    response_len = batch["response_mask"].shape[1]
+
+    def one(mb):
+        targets = mb["tokens"][:, -response_len:]
+
+        def logprobs(adapter, adapter_cfg):
+            logits, _ = _response_forward(base, model_cfg, mb["tokens"], mb["attention_mask"], adapter, adapter_cfg,
+                                          response_len)
+            return _gather_logprobs(logits, targets)
+
+        _, hidden = _response_forward(base, model_cfg, mb["tokens"], mb["attention_mask"],
+                                      trainable["critic"]["lora"], critic_cfg, response_len)
+        out = {"ref": logprobs(None, None), "values": critic.value(trainable["critic"]["head"], hidden)}
+        if policy:
+            out["policy"] = logprobs(trainable["actor"], actor_cfg)
+        return out
+
+    chunked = {k: _chunk(batch[k], chunks) for k in ("tokens", "attention_mask")}
+    n = batch["tokens"].shape[0]
+    return jax.tree.map(lambda x: x.reshape(n, response_len), jax.lax.map(one, chunked))
+
+
+def _chunk(x: jax.Array, chunks: int) -> jax.Array:
+    return x.reshape(chunks, x.shape[0] // chunks, *x.shape[1:])
+
+
+def advantages(batch, ref_logprobs, values, hyper: PPOHyper):
+    """Per-token rewards (Eq. 6), optionally whitened; GAE; whitened advantages. All [N, R]."""
+    mask = batch["response_mask"]
+    rewards, kl = pm.token_rewards(batch["scores"], batch["logprobs"], ref_logprobs, mask, hyper.kl_coef)
+    if hyper.whiten_rewards:
+        rewards = pm.masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = pm.gae(rewards, values, mask, hyper.gamma, hyper.lam)
+    return pm.masked_whiten(adv, mask), returns, kl
+
+
+def minibatch_loss(trainable, base, mb, rng, *, model_cfg, actor_cfg, critic_cfg, hyper: PPOHyper):
+    """pg_loss + vf_coef * vf_loss - ent_coef * entropy on one minibatch, and its statistics."""
+    mask = mb["response_mask"]
+    response_len = mask.shape[1]
+    targets = mb["tokens"][:, -response_len:]
+    rng_actor, rng_critic = jax.random.split(rng)
+    logits, _ = _response_forward(base, model_cfg, mb["tokens"], mb["attention_mask"], trainable["actor"],
+                                  actor_cfg, response_len, rng_actor)
+    _, hidden = _response_forward(base, model_cfg, mb["tokens"], mb["attention_mask"], trainable["critic"]["lora"],
+                                  critic_cfg, response_len, rng_critic)
+    values = critic.value(trainable["critic"]["head"], hidden)
+    pg_loss, pg_stats = pm.policy_loss(_gather_logprobs(logits, targets), mb["logprobs"], mb["advantages"], mask,
+                                       hyper.clip_eps)
+    vf_loss, vf_stats = pm.value_loss(values, mb["values"], mb["returns"], mask, hyper.value_clip)
+    ent = pm.entropy(logits, mask)
+    loss = pg_loss + hyper.vf_coef * vf_loss - hyper.ent_coef * ent
+    return loss, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, **pg_stats, **vf_stats}
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper"),
+                   donate_argnames=("state",))
+def ppo_update(base: Params, state: Params, batch: dict[str, jax.Array], key: jax.Array, *, model_cfg: LlamaConfig,
+               actor_cfg: LoraConfig, critic_cfg: LoraConfig, hyper: PPOHyper) -> tuple[Params, dict[str, jax.Array]]:
+    """One PPO step on a rollout batch; see the module docstring. Returns the new state and scalar metrics."""
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    n = batch["tokens"].shape[0]
+    m = hyper.minibatches
+    if n % m:
+        raise ValueError(f"ppo_update: {n} sequences do not divide into {m} minibatches")
+    mask = batch["response_mask"]
+    trainable = state["params"]
+    scored = score_batch(base, trainable, batch, model_cfg=model_cfg, actor_cfg=actor_cfg, critic_cfg=critic_cfg,
+                         chunks=m, policy=hyper.recompute_logprobs)
+    if hyper.recompute_logprobs:
+        batch = {**batch, "logprobs": scored["policy"] * mask}
+    values = scored["values"]
+    adv, returns, kl = advantages(batch, scored["ref"], values, hyper)
+    data = {**batch, "advantages": adv, "returns": returns, "values": values}
+
+    opt = optimizer(hyper)
+    grad_fn = jax.value_and_grad(functools.partial(minibatch_loss, model_cfg=model_cfg, actor_cfg=actor_cfg,
+                                                   critic_cfg=critic_cfg, hyper=hyper), has_aux=True)
+
+    def compute(params, opt_state, mb, rng):
+        (_, stats), grads = grad_fn(params, base, mb, rng)
+        too_far = jnp.bool_(False) if hyper.target_kl is None else stats["approx_kl"] > hyper.target_kl
+        updates, new_opt = opt.update(grads, opt_state, params)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(too_far, b, a), new, old)  # noqa: E731
+        stats = {**stats, "grad_norm": optax.tree.norm(grads), "evaluated": jnp.float32(1.0),
+                 "applied": jnp.where(too_far, 0.0, 1.0)}
+        return keep(optax.apply_updates(params, updates), params), keep(new_opt, opt_state), too_far, stats
+
+    def minibatch_step(carry, xs):
+        params, opt_state, stopped = carry
+        mb, rng = xs
+        shapes = jax.eval_shape(compute, params, opt_state, mb, rng)[3]
+
+        def skip(params, opt_state, mb, rng):
+            return params, opt_state, jnp.bool_(True), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        params, opt_state, stop, stats = jax.lax.cond(stopped, skip, compute, params, opt_state, mb, rng)
+        return (params, opt_state, stopped | stop), stats
+
+    def epoch(carry, rng):
+        perm_key, mb_key = jax.random.split(rng)
+        perm = jax.random.permutation(perm_key, n)
+        mbs = jax.tree.map(lambda x: _chunk(x[perm], m), data)
+        return jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(mb_key, m)))
+
+    (trainable, opt_state, _), stats = jax.lax.scan(epoch, (trainable, state["opt"], jnp.bool_(False)),
+                                                    jax.random.split(key, hyper.epochs))
+    evaluated = jnp.maximum(stats["evaluated"].sum(), 1.0)
+    metrics = {name: v.sum() / evaluated for name, v in stats.items() if name not in ("evaluated", "applied")}
+    metrics |= {
+        "updates": stats["applied"].sum(),
+        "kl": (kl.sum(1)).mean(),  # per sequence: sum over its tokens of log pi - log pi_ref
+        "kl_per_token": pm.masked_mean(kl, mask),
+        "explained_variance": pm.explained_variance(values, returns, mask),
+        "value_mean": pm.masked_mean(values, mask),
+        "return_mean": pm.masked_mean(returns, mask),
+    }
+    return {"params": trainable, "opt": opt_state, "step": state["step"] + 1}, metrics

@@ -1,0 +1,129 @@
+"""The SFT loss, optimiser and jitted train step (pure functions; the loop is in `trainer.py`).
+
+Only the LoRA adapter is trained: the base parameters are an argument the gradient is not taken for.
+Train state (a pytree, checkpointed as it is):
+
+    {"step": int32 scalar (optimiser steps done), "lora": adapter pytree (float32), "opt_state": optax state}
+
+Gradient accumulation is an explicit `lax.scan` over micro-batches inside the one jitted step (rather than
+`optax.MultiSteps`): every call is one optimiser step on one global batch, so the step counter, the learning
+rate schedule, checkpoints and the data position always agree, no half-accumulated gradient ever has to be
+checkpointed, and peak memory is that of one micro-batch.
+
+A step whose loss or gradient norm is not finite leaves the state unchanged and reports `finite = False`; the
+loop stops the run on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from reclm_jax.llm import model
+from reclm_jax.llm.config import LlamaConfig, LoraConfig
+from reclm_jax.sft.config import OptimConfig
+
+Params = dict[str, Any]
+BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
+
+
+def response_loss(logprobs: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(loss, per-sample losses [B]) from next-token log-probs [B, T-1] and the response mask [B, T].
+
+    A sample's loss is the mean cross-entropy of its response tokens (`loss_mask[:, t]` marks token t, which
+    `logprobs[:, t-1]` predicts); the loss is the mean over samples, so long and short answers weigh the same
+    (the paper's reference code). A sample without response tokens counts as 0.
+    """
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    per_sample = -(logprobs * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+    return per_sample.mean(), per_sample
+
+
+def batch_loss(lora: Params, params: Params, batch: dict[str, jax.Array], dropout_rng: jax.Array | None, *,
+               cfg: LlamaConfig, lora_cfg: LoraConfig) -> jax.Array:
+    logprobs, _ = model.token_logprobs(params, cfg, batch["tokens"], batch["attention_mask"], lora=lora,
+                                       lora_cfg=lora_cfg, dropout_rng=dropout_rng)
+    return response_loss(logprobs, batch["loss_mask"])[0]
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup over ceil(warmup_ratio x total) steps to `lr`, then polynomial decay (`decay_power`) to
+    `end_lr` at `total_steps` (Hugging Face's polynomial-decay-with-warmup, as the reference uses)."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    decay = optax.polynomial_schedule(cfg.lr, cfg.end_lr, cfg.decay_power, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule (decoupled weight decay on every adapter matrix)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+    )
+
+
+def init_state(lora: Params, tx: optax.GradientTransformation) -> Params:
+    return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": tx.init(lora)}
+
+
+def split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
+    """[B, T] -> [accum, B / accum, T]; micro-batch i holds rows i, i + accum, ... so that a batch sharded in
+    contiguous blocks over devices stays sharded the same way within every micro-batch."""
+    def split(x):
+        b = x.shape[0]
+        if b % accum:
+            raise ValueError(f"batch of {b} rows does not split into {accum} micro-batches")
+        return x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+    return {k: split(batch[k]) for k in BATCH_KEYS}
+
+
+def train_step(state: Params, params: Params, batch: dict[str, jax.Array], dropout_key: jax.Array, *,
+               cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, accum: int,
+               lr: optax.Schedule | None = None) -> tuple[Params, dict[str, jax.Array]]:
+    """One optimiser step on `batch` ([B, T] arrays, B = accum x micro-batch). Dropout masks come from
+    `dropout_key` folded with the step and micro-batch index, so a resumed run draws the same masks.
+    `lr`, the optimiser's schedule, only adds the step's learning rate to the metrics."""
+    step_key = jax.random.fold_in(dropout_key, state["step"])
+    grad_fn = jax.value_and_grad(functools.partial(batch_loss, cfg=cfg, lora_cfg=lora_cfg))
+
+    def micro_step(grads, xs):
+        micro, i = xs
+        loss, g = grad_fn(state["lora"], params, micro, jax.random.fold_in(step_key, i))
+        return jax.tree.map(jnp.add, grads, g), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state["lora"])
+    grads, losses = jax.lax.scan(micro_step, zeros, (split_micro(batch, accum), jnp.arange(accum)))
+    # Equal-size micro-batches: the mean of their per-sample means is the global batch's.
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    loss = losses.mean()
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["lora"])
+    new = {"step": state["step"] + 1, "lora": optax.apply_updates(state["lora"], updates), "opt_state": opt_state}
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+               "tokens": batch["attention_mask"].sum(), "response_tokens": batch["loss_mask"].sum()}
+    if lr is not None:
+        metrics["lr"] = lr(state["step"])
+    return new, metrics
+
+
+def jit_train_step(cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, accum: int,
+                   shardings: tuple[Any, Any, Any] | None = None, lr: optax.Schedule | None = None):
+    """`train_step` jitted with the configs static and the state donated. `shardings` = (state, params,
+    batch) shardings (pytrees of `jax.sharding.Sharding`) pins the layouts on a mesh; None lets inputs'
+    placements decide (one device)."""
+    fn = functools.partial(train_step, cfg=cfg, lora_cfg=lora_cfg, tx=tx, accum=accum, lr=lr)
+    if shardings is None:
+        return jax.jit(fn, donate_argnums=0)
+    state_sh, params_sh, batch_sh = shardings
+    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sh, params_sh, batch_sh, None),
+                   out_shardings=(state_sh, None))

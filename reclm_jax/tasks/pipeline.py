@@ -1,0 +1,143 @@
+"""The SL input pipeline (grain): samples regenerated each epoch -> tokens -> padded, bucketed batches.
+
+- Deterministic: epoch e's samples depend only on (seed, e) (the teacher is deterministic), and each
+  process reads its shard of them in order.
+- Sharded: process p of P takes samples p, p + P, ... of each epoch, cut to a multiple of P, so every
+  process yields the same number of batches.
+- Checkpointable: the iterator's state is {"epoch", "position"} within this process's shard (plus what
+  grain's batching keeps); `get_state()` / `set_state()` resume exactly, rebuilding that epoch's samples.
+- Bucketed: a batch is padded on the right to the smallest of cfg.buckets that holds its longest
+  sample, so the training step compiles for a few shapes only.
+
+A batch is a dict of numpy arrays [batch_size, bucket]:
+  tokens     int32  token ids (padding: the tokenizer's pad id, else EOS)
+  positions  int32  0, 1, ... along each sample (0 on padding)
+  attention_mask bool  real tokens
+  loss_mask  bool   tokens that are response tokens (the answer and its EOS): the loss is on predicting
+                    tokens[:, t] from the logits at t - 1 wherever loss_mask[:, t]
+Samples that do not fit cfg.max_length are cut by `encode_samples`, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from reclm_jax.llm.tokenizer import stop_token_ids
+from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.tasks.samples import Sample
+from reclm_jax.tasks.sharegpt import read_sharegpt
+from reclm_jax.tasks.tokenize import encode_samples, task_context
+from reclm_jax.tasks.training import training_samples
+
+
+class _EpochIterator(grain.DatasetIterator):
+    def __init__(self, source: "EpochSamples"):
+        super().__init__()
+        self._source = source
+        self._epoch, self._position = 0, 0
+        self._shard: list[Sample] | None = None
+
+    def __next__(self) -> Sample:
+        src = self._source
+        while self._epoch < src.num_epochs:
+            if self._shard is None:
+                self._shard = src.shard(self._epoch)
+            if self._position < len(self._shard):
+                self._position += 1
+                return self._shard[self._position - 1]
+            self._epoch, self._position, self._shard = self._epoch + 1, 0, None
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "position": self._position}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+        self._shard = None
+
+
+class EpochSamples(grain.IterDataset):
+    """The stream of samples of epochs 0..num_epochs-1, as this process's shard."""
+
+    def __init__(self, build_epoch: Callable[[int], list[Sample]], num_epochs: int, shard_index: int = 0,
+                 shard_count: int = 1):
+        super().__init__()
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index {shard_index} is not in 0..{shard_count - 1}")
+        self.build_epoch, self.num_epochs = build_epoch, num_epochs
+        self.shard_index, self.shard_count = shard_index, shard_count
+
+    def shard(self, epoch: int) -> list[Sample]:
+        samples = self.build_epoch(epoch)
+        usable = len(samples) // self.shard_count * self.shard_count
+        return samples[self.shard_index:usable:self.shard_count]
+
+    def __iter__(self) -> _EpochIterator:
+        return _EpochIterator(self)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length."""
+    for b in buckets:
+        if b >= length:
+            return b
+    raise ValueError(f"a sample of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+def collate(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad encoded samples to one bucket length."""
+    length = bucket_length(max(len(r["tokens"]) for r in rows), buckets)
+    b = len(rows)
+    out = {
+        "tokens": np.full((b, length), pad_id, np.int32),
+        "positions": np.zeros((b, length), np.int32),
+        "attention_mask": np.zeros((b, length), bool),
+        "loss_mask": np.zeros((b, length), bool),
+    }
+    for i, r in enumerate(rows):
+        n = len(r["tokens"])
+        out["tokens"][i, :n] = r["tokens"]
+        out["positions"][i, :n] = np.arange(n)
+        out["attention_mask"][i, :n] = True
+        out["loss_mask"][i, :n] = r["loss_mask"]
+    return out
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def sft_batches(build_epoch: Callable[[int], list[Sample]], tokenizer, cfg: TaskConfig,
+                shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+    """Batches of cfg.batch_size samples per process (an incomplete last batch is dropped), tokenised a
+    batch at a time and prepared cfg.prefetch batches ahead in a thread. Shards default to
+    jax.process_index() / jax.process_count()."""
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    stop_ids = frozenset(stop_token_ids(tokenizer))
+    pad = pad_id(tokenizer)
+
+    def encode_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
+        rows = encode_samples(list(samples), tokenizer, cfg.max_length, cfg.max_response_tokens, stop_ids)
+        return collate(rows, cfg.buckets, pad)
+
+    ds = EpochSamples(build_epoch, cfg.num_epochs, shard_index, shard_count).batch(
+        cfg.batch_size, drop_remainder=True, batch_fn=encode_batch)
+    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch) if cfg.prefetch else ds
+
+
+def sl_batches(dataset, teacher, tokenizer, cfg: TaskConfig, shard_index: int | None = None,
+               shard_count: int | None = None) -> grain.IterDataset:
+    """The SL stage's input: cfg's training tasks over `dataset` with titles cut to cfg.max_title_tokens
+    (use the same `display_titles` when parsing the model's answers), ShareGPT read from cfg.sharegpt_path."""
+    cfg.check_training()
+    ctx = task_context(dataset, teacher, cfg, tokenizer)
+    conversations = read_sharegpt(cfg.sharegpt_path) if cfg.mixes_sharegpt else None
+    return sft_batches(lambda epoch: training_samples(ctx, epoch, conversations), tokenizer, cfg,
+                       shard_index, shard_count)

@@ -1,0 +1,100 @@
+"""Checkpointer: state + data iterator + extra round trip, keep-last-N, best-by-metric, and kill -9 safety."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reclm_jax.checkpointing import Checkpointer, abstract
+
+
+def batches():
+    return grain.MapDataset.range(100).batch(4).to_iter_dataset()
+
+
+def state(step):
+    return {"step": jnp.int32(step), "lora": {"a": jnp.full((3, 2), float(step))}, "opt": (jnp.ones(2) * step,)}
+
+
+def saved_steps(directory):
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_round_trip_with_data_position_and_keep_last(tmp_path):
+    it = iter(batches())
+    with Checkpointer(tmp_path, keep_last=2) as ckpt:
+        for step in (1, 2, 3):
+            next(it)
+            ckpt.save(step, state(step), data=it, extra={"step": step, "note": "x"})
+        expected_next = next(it)
+        ckpt.wait()
+        assert saved_steps(tmp_path / "last") == [2, 3]
+    with Checkpointer(tmp_path, keep_last=2) as ckpt:
+        assert ckpt.latest_step() == 3
+        fresh = iter(batches())
+        restored, extra = ckpt.restore(abstract(state(0)), data=fresh)
+    assert extra == {"step": 3, "note": "x"}
+    np.testing.assert_array_equal(restored["lora"]["a"], np.full((3, 2), 3.0))
+    assert int(restored["step"]) == 3 and isinstance(restored["opt"], tuple)
+    np.testing.assert_array_equal(next(fresh), expected_next)  # the stream continues where it was saved
+
+
+def test_best_is_kept_by_metric_across_restarts(tmp_path):
+    with Checkpointer(tmp_path, best_metric="ndcg", best_mode="max") as ckpt:
+        assert ckpt.save_best(10, {"a": jnp.ones(2)}, {"ndcg": 0.2, "hr": 0.5})
+        assert not ckpt.save_best(20, {"a": jnp.zeros(2)}, {"ndcg": 0.1})
+        assert not ckpt.save_best(25, {"a": jnp.zeros(2)}, {"ndcg": float("nan")})
+        with pytest.raises(KeyError, match="best_metric 'ndcg' is not among"):
+            ckpt.save_best(26, {"a": jnp.zeros(2)}, {"hr": 1.0})
+    with Checkpointer(tmp_path, best_metric="ndcg", best_mode="max") as ckpt:
+        assert ckpt.best_value == pytest.approx(0.2)
+        assert ckpt.save_best(30, {"a": jnp.full(2, 3.0)}, {"ndcg": 0.3})
+        ckpt.wait()
+        params, info = ckpt.restore_best(abstract({"a": jnp.ones(2)}))
+    np.testing.assert_array_equal(params["a"], [3.0, 3.0])
+    assert info["step"] == 30 and info["metric"] == "ndcg" and info["value"] == pytest.approx(0.3)
+    assert saved_steps(tmp_path / "best") == [30]
+
+
+def test_restore_without_checkpoint_names_the_directory(tmp_path):
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(FileNotFoundError, match=str(tmp_path / "last")):
+        ckpt.restore(abstract(state(0)))
+
+
+SAVE_FOREVER = textwrap.dedent("""
+    import sys, jax.numpy as jnp
+    from reclm_jax.checkpointing import Checkpointer
+    ckpt = Checkpointer(sys.argv[1], keep_last=2)
+    big = jnp.arange(4_000_000, dtype=jnp.float32)  # 16 MB, so that a save takes a while
+    step = 0
+    while True:
+        step += 1
+        ckpt.save(step, {"step": jnp.int32(step), "x": big + step})
+        print(step, flush=True)
+""")
+
+
+def test_kill_9_during_saves_leaves_a_restorable_latest_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        for line in proc.stdout:  # wait until some saves have been started, then kill mid-write
+            if int(line) >= 4:
+                break
+        time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with Checkpointer(tmp_path, keep_last=2) as ckpt:
+        step = ckpt.latest_step()
+        assert step is not None and step >= 2
+        restored, _ = ckpt.restore(abstract({"step": jnp.int32(0), "x": jnp.zeros(4_000_000, jnp.float32)}))
+    assert int(restored["step"]) == step
+    np.testing.assert_array_equal(restored["x"][:3], np.arange(3) + step)

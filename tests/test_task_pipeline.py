@@ -1,0 +1,163 @@
+"""Tokenisation (chat templates, loss mask, left truncation, title cuts) and the grain SL pipeline
+(determinism, per-epoch regeneration, resume from iterator state, sharding, buckets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tasks_helpers import LLAMA2, tiny_dataset, tiny_teacher, tiny_tokenizer
+
+from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.tasks.pipeline import EpochSamples, bucket_length, collate, sft_batches
+from reclm_jax.tasks.samples import Sample, TaskContext
+from reclm_jax.tasks.tokenize import display_titles, encode_sample, prompt_ids
+from reclm_jax.tasks.training import training_samples
+
+CORPUS = ["You are an expert recommender engine. The historical interactions: 'Movie 12 (1962)'.\n1. Movie 3 (1953)"] * 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer(CORPUS)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    ds = tiny_dataset(num_users=24)
+    return TaskContext(ds, tiny_teacher(ds), TaskConfig(task_set="v1", sharegpt_ratio=0))
+
+
+SAMPLE = Sample("seqrec", (("user", "Recommend 2 items after 'Movie 12 (1962)'."),), "1. Movie 3 (1953)\n2. Movie 4 (1954)")
+
+
+@pytest.mark.parametrize("template,eos", [(None, "<|im_end|>"), (LLAMA2, "</s>")])
+def test_loss_mask_covers_exactly_the_response_and_eos(template, eos):
+    tok = tiny_tokenizer(CORPUS, **({"chat_template": template, "eos": eos} if template else {}))
+    enc = encode_sample(SAMPLE, tok, max_length=1024, max_response_tokens=512)
+    tokens, mask = enc["tokens"], enc["loss_mask"]
+    n_prompt = len(prompt_ids(SAMPLE, tok, 1024))
+    assert not mask[:n_prompt].any() and mask[n_prompt:].all()
+    assert tokens[-1] == tok.eos_token_id
+    answer = tok.decode(tokens[mask]).strip()
+    assert answer.startswith(SAMPLE.response) and answer.endswith(eos)
+    assert answer[len(SAMPLE.response):-len(eos)].strip() == ""  # only the template's spacing before EOS
+    # the prompt is the chat template's, with its generation prompt
+    prompt_text = tok.decode(tokens[:n_prompt])
+    assert prompt_text.endswith("<|im_start|>assistant\n" if template is None else "[/INST]")
+
+
+def test_prompts_are_cut_from_the_left_and_responses_kept(tokenizer):
+    full = encode_sample(SAMPLE, tokenizer, 1024, 512)
+    n_resp = int(full["loss_mask"].sum())
+    cut = encode_sample(SAMPLE, tokenizer, max_length=n_resp + 5, max_response_tokens=512)
+    assert len(cut["tokens"]) == n_resp + 5
+    np.testing.assert_array_equal(cut["tokens"], full["tokens"][-(n_resp + 5):])
+    assert cut["loss_mask"].sum() == n_resp
+    short = encode_sample(SAMPLE, tokenizer, 1024, max_response_tokens=3)
+    assert short["loss_mask"].sum() == 3
+
+
+def test_display_titles_cut_to_max_tokens_and_stay_unique(tokenizer):
+    titles = ["Movie 3 (1953) and a very long subtitle", "Movie 3 (1953) and another long subtitle", "Short"]
+    out = display_titles(titles, tokenizer, max_tokens=4)
+    assert len(set(out)) == 3 and out[2] == "Short"
+    assert all(len(tokenizer.encode(t.rsplit(" (2)", 1)[0], add_special_tokens=False)) <= 4 for t in out)
+    assert out[1] == out[0] + " (2)"
+
+
+def test_collate_pads_to_the_smallest_fitting_bucket():
+    rows = [{"tokens": np.arange(1, 4, dtype=np.int32), "loss_mask": np.array([0, 1, 1], bool)},
+            {"tokens": np.arange(1, 6, dtype=np.int32), "loss_mask": np.array([0, 0, 0, 1, 1], bool)}]
+    b = collate(rows, (4, 8, 16), pad_id=0)
+    assert b["tokens"].shape == (2, 8)
+    np.testing.assert_array_equal(b["tokens"][0], [1, 2, 3, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b["positions"][1], [0, 1, 2, 3, 4, 0, 0, 0])
+    np.testing.assert_array_equal(b["attention_mask"][0], [1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b["loss_mask"][1], [0, 0, 0, 1, 1, 0, 0, 0])
+    assert bucket_length(9, (4, 8, 16)) == 16
+    with pytest.raises(ValueError, match="largest bucket"):
+        bucket_length(17, (4, 8, 16))
+
+
+def make_batches(ctx, tokenizer, shard=(0, 1), **cfg):
+    cfg = TaskConfig(task_set="v1", sharegpt_ratio=0, batch_size=4, num_epochs=2, max_length=256,
+                     max_response_tokens=128, buckets=(64, 128, 256), **cfg)
+    return sft_batches(lambda e: training_samples(ctx, e), tokenizer, cfg, *shard)
+
+
+def as_list(batches):
+    return [{k: v.copy() for k, v in b.items()} for b in batches]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_pipeline_is_deterministic_bucketed_and_regenerates_each_epoch(ctx, tokenizer):
+    a = as_list(make_batches(ctx, tokenizer))
+    assert_same(a, as_list(make_batches(ctx, tokenizer)))
+    per_epoch = len(training_samples(ctx, 0)) // 4
+    assert len(a) == per_epoch + len(training_samples(ctx, 1)) // 4
+    for b in a:
+        assert b["tokens"].shape[0] == 4 and b["tokens"].shape[1] in (64, 128, 256)
+        assert b["loss_mask"].any(axis=1).all()
+        assert not (b["loss_mask"] & ~b["attention_mask"]).any()
+    # epoch 1 holds new samples, not epoch 0 again
+    assert training_samples(ctx, 0) != training_samples(ctx, 1)
+
+
+def test_pipeline_resumes_from_its_state(ctx, tokenizer):
+    ds = make_batches(ctx, tokenizer)
+    it = iter(ds)
+    first = [next(it) for _ in range(3)]
+    state = it.get_state()
+    rest = as_list(it)
+    resumed = iter(make_batches(ctx, tokenizer))
+    resumed.set_state(state)
+    assert_same(as_list(resumed), rest)
+    assert_same(first + rest, as_list(make_batches(ctx, tokenizer)))
+
+
+def test_shards_split_each_epoch_evenly_and_disjointly(ctx):
+    build = lambda e: training_samples(ctx, e)  # noqa: E731
+    full = build(0)
+    shards = [EpochSamples(build, 1, i, 3).shard(0) for i in range(3)]
+    assert len({len(s) for s in shards}) == 1 and sum(map(len, shards)) == len(full) // 3 * 3
+    assert [s for trio in zip(*shards) for s in trio] == full[: len(full) // 3 * 3]
+    with pytest.raises(ValueError, match="shard_index"):
+        EpochSamples(build, 1, 3, 3)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("name,answer_end", [("smollm2-135m", "<|im_end|>"), ("llama2", " </s>")])
+def test_real_chat_templates_mask_exactly_the_answer(name, answer_end):
+    from reclm_jax.llm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(name)
+    enc = encode_sample(SAMPLE, tok, 1024, 512)
+    answer = tok.decode(enc["tokens"][enc["loss_mask"]])
+    assert answer == SAMPLE.response + answer_end
+    prompt = tok.decode(enc["tokens"][~enc["loss_mask"]])
+    assert SAMPLE.prompt in prompt and prompt.rstrip().endswith("assistant" if name == "smollm2-135m" else "[/INST]")
+
+
+def test_sl_batches_mix_in_sharegpt_and_cut_titles(ctx, tokenizer, tmp_path):
+    from reclm_jax.tasks.pipeline import sl_batches
+    from reclm_jax.tasks.tokenize import task_context
+
+    path = tmp_path / "sg.json"
+    path.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]')
+    cfg = TaskConfig(sharegpt_path=str(path), batch_size=8, num_epochs=1, max_length=256, max_response_tokens=128,
+                     buckets=(64, 128, 256), max_title_tokens=3)
+    batches = list(sl_batches(ctx.dataset, ctx.teacher, tokenizer, cfg, 0, 1))
+    assert batches and all(b["tokens"].shape[0] == 8 for b in batches)
+    answers = [tokenizer.decode(b["tokens"][i][b["loss_mask"][i]]) for b in batches for i in range(8)]
+    assert sum(a == "yo<|im_end|>" for a in answers) > len(answers) / 4  # ShareGPT: 1/3 of the samples
+    titles = task_context(ctx.dataset, None, cfg, tokenizer).titles
+    assert all(len(tokenizer.encode(t.split(" (")[0], add_special_tokens=False)) <= 3 for t in titles)
+    assert len(set(titles)) == len(titles)
+    assert any(t in a for a in answers for t in titles if t not in ctx.dataset.titles)  # cut titles are shown
