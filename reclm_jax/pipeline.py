@@ -43,39 +43,18 @@ class PipelineConfig:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
 
 
-@dataclass(frozen=True)
 class Layout:
     """Where each stage writes, and the file whose presence means the stage is done."""
 
-    root: Path
-
-    @property
-    def teacher(self) -> Path:
-        return self.root / "teacher"
-
-    @property
-    def sft(self) -> Path:
-        return self.root / "sft"
-
-    @property
-    def sft_adapter(self) -> Path:
-        return self.sft / "adapter"
-
-    @property
-    def ppo(self) -> Path:
-        return self.root / "ppo"
-
-    @property
-    def ppo_adapter(self) -> Path:
-        return self.ppo / "actor"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def export(self) -> Path:
-        return self.root / "export"
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.teacher = self.root / "teacher"
+        self.sft = self.root / "sft"
+        self.sft_adapter = self.sft / "adapter"
+        self.ppo = self.root / "ppo"
+        self.ppo_adapter = self.ppo / "actor"
+        self.eval = self.root / "eval"
+        self.export = self.root / "export"
 
     def done(self, stage: str) -> bool:
         marker = {
@@ -90,7 +69,7 @@ class Layout:
 
 def stage_configs(cfg: PipelineConfig) -> tuple[SFTConfig, PPOConfig]:
     """The SFT and PPO configs with the pipeline's paths and dataset filled in."""
-    lay = Layout(Path(cfg.out_dir))
+    lay = Layout(cfg.out_dir)
     sft = replace(cfg.sft, out_dir=str(lay.sft), teacher=str(lay.teacher), data=cfg.data)
     ppo = replace(
         cfg.ppo,
@@ -108,7 +87,7 @@ def run(cfg: PipelineConfig, *, progress: bool = True) -> Path:
     from reclm_jax import config as config_lib
     from reclm_jax.data.load import load_dataset
 
-    lay = Layout(Path(cfg.out_dir))
+    lay = Layout(cfg.out_dir)
     lay.root.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, lay.root / "pipeline.yaml")
     sft_cfg, ppo_cfg = stage_configs(cfg)
