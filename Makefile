@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/reclm-jax data stats --dataset ml-100k
+	$(BIN)/reclm-jax pipeline --config configs/pipeline/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -69,7 +69,7 @@ def test_score_answers_by_hand():
         "<=20%": [answer("Twister (1996)", "Jaws (1975)", "Fargo (1996)")],
         "c1<=20%&-c2": ["I cannot help with that."],  # one line, no list marker: one unknown item
     }
-    m = E.score_answers(es, answers, ds, Catalogue(ds.titles))
+    m = E.score_answers(es, answers, ds.category_matrix, Catalogue(ds.titles))
     s = m["seqrec"]
     assert s["n"] == 2
     assert s["HR@K"] == 0.5 and s["NDCG@K"] == pytest.approx(0.5 / math.log2(3))
@@ -105,10 +105,10 @@ def test_score_answers_rejects_mismatched_answers():
     ds = tiny_dataset()
     es = hand_set(ds)
     with pytest.raises(ValueError, match="no answers for tasks"):
-        E.score_answers(es, {"seqrec": ["", ""]}, ds, Catalogue(ds.titles))
+        E.score_answers(es, {"seqrec": ["", ""]}, ds.category_matrix, Catalogue(ds.titles))
     bad = {t: [""] * len(s) for t, s in es.tasks.items()} | {"seqrec": [""]}
     with pytest.raises(ValueError, match="seqrec: 1 answers for 2 samples"):
-        E.score_answers(es, bad, ds, Catalogue(ds.titles))
+        E.score_answers(es, bad, ds.category_matrix, Catalogue(ds.titles))
 
 
 # ---- tables ------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_generation_loop_end_to_end(tiny_model_dir, teacher_dir):
     answers = E.generate_answers(model, es, settings, progress=False)
     assert {t: len(a) for t, a in answers.items()} == {t: len(s) for t, s in es.tasks.items()}
     catalogue = Catalogue(ds.titles)
-    metrics = E.score_answers(es, answers, ds, catalogue)
+    metrics = E.score_answers(es, answers, ds.category_matrix, catalogue)
     for task, samples in es.tasks.items():
         m = metrics[task]
         assert m["n"] == len(samples) == 4  # every answer is scored, none skipped

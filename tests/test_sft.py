@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from reclm_jax.eval.controls import Control
+from reclm_jax.eval.evaluate import parse_answers, score_task
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm import model
@@ -22,7 +23,6 @@ from reclm_jax.llm.config import LORA_TARGETS, PRESETS, LoraConfig
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import CheckpointConfig, OptimConfig, SFTConfig, TrainConfig, ValidConfig
 from reclm_jax.sft.trainer import NonFiniteError, RunSetup, place, train
-from reclm_jax.sft.validation import score_answers
 from reclm_jax.tasks.samples import Sample
 
 CFG = PRESETS["tiny"]
@@ -203,22 +203,23 @@ def test_sharded_step_on_8_devices_equals_single_device_step():
     assert "OK 8" in proc.stdout
 
 
-def test_score_answers_by_hand():
+def test_validation_scores_by_hand():
     catalogue = Catalogue(["Heat (1995)", "Alien (1979)", "Up (2009)"])
     cats = np.array([[1, 0], [0, 1], [1, 1]], bool)  # item x category
     text = "1. Alien (1979)\n2. Unknown Film\n3. Heat (1995)"
 
-    def sample(kind, m=0.0, category=-1):
+    def score(kind, m=0.0, category=-1):
         control = () if category < 0 else ((Control(kind, m), category),)
-        return Sample(task="t", messages=(("user", "?"),), user=0, history=(2,), target=0, k=4, controls=control)
+        sample = Sample(task="t", messages=(("user", "?"),), user=0, history=(2,), target=0, k=4, controls=control)
+        return score_task("t", [sample], parse_answers([text], catalogue), None, cats)
 
-    seq = score_answers([sample("seq")], [text], catalogue, cats)
-    assert seq["HR@K"][0] == 1.0 and seq["NDCG@K"][0] == pytest.approx(1 / np.log2(4))  # target at position 2
-    assert seq["NonExist@K"][0] == 25.0 and seq["CorrectCount"][0] == 0.0 and "TCP@K" not in seq
-    plus = score_answers([sample("+c", category=1)], [text], catalogue, cats)
-    assert plus["TCP@K"][0] == 25.0 and "CPA" not in plus  # Alien is in category 1: 1 of k = 4
-    about = score_answers([sample("~", 0.5, category=0)], [text], catalogue, cats)
-    assert about["TCP@K"][0] == 25.0 and about["CPA"][0] == 100.0  # 1 in C vs 4 x 0.5 = 2: within 1
+    seq = score("seq")
+    assert seq["HR@K"] == 1.0 and seq["NDCG@K"] == pytest.approx(1 / np.log2(4))  # target at position 2
+    assert seq["NonExist@K"] == 25.0 and seq["CorrectCount"] == 0.0 and "TCP@K" not in seq
+    plus = score("+c", category=1)
+    assert plus["TCP@K"] == 25.0 and "CPA" not in plus  # Alien is in category 1: 1 of k = 4
+    about = score("~", 0.5, category=0)
+    assert about["TCP@K"] == 25.0 and about["CPA"] == 100.0  # 1 in C vs 4 x 0.5 = 2: within 1
 
 
 def test_merged_export_of_the_trained_adapter_generates_the_same_greedy_tokens_in_transformers(straight, tmp_path):

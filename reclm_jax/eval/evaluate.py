@@ -2,7 +2,7 @@
 
     model = load_chat_model("smollm2-135m", loras=["runs/sft/adapter"])
     answers = generate_answers(model, eval_set, settings)          # batched greedy decoding, a progress bar
-    metrics = score_answers(eval_set, answers, dataset, catalogue)  # {task: {metric: value}}
+    metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue)  # {task: {metric: value}}
 
 or all of it for several models, with the teacher's row, the tables and per-model files (what
 `reclm-jax evaluate` runs): `run_evaluation(dataset, teacher, [ModelRun(...), ...], out_dir)`.
@@ -186,7 +186,7 @@ def parse_answers(answers: Sequence[str], catalogue: Catalogue) -> list[list[int
     return [[it.item_id for it in catalogue.parse(text)] for text in answers]
 
 
-def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], dataset: Dataset,
+def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], category_matrix: np.ndarray,
                   catalogue: Catalogue) -> dict[str, dict[str, float]]:
     """{task: metrics} for every task of `eval_set` (answers[task] in the order of its samples)."""
     missing = [t for t in eval_set.tasks if t not in answers]
@@ -203,7 +203,7 @@ def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], dataset:
         plain = None
         if task != SEQREC and all(s.user in plain_by_user for s in samples):
             plain = [plain_by_user[s.user] for s in samples]
-        out[task] = score_task(task, samples, ids[task], plain, dataset.category_matrix)
+        out[task] = score_task(task, samples, ids[task], plain, category_matrix)
     return out
 
 
@@ -318,7 +318,7 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
         answers = generate_answers(model, eval_set, settings, progress=progress)
         seconds = time.perf_counter() - start
         del model
-        metrics = score_answers(eval_set, answers, dataset, catalogue)
+        metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue)
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
             for record in answer_records(eval_set, answers, catalogue):
