@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import numpy as np
@@ -22,19 +20,7 @@ import transformers
 
 from reclm_jax.llm import gguf_io, hf_io, sampling
 from reclm_jax.llm.config import LlamaConfig
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, median seconds of `repeats` later calls)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+from timing import timed
 
 
 def main() -> None:

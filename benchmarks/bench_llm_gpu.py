@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,6 +34,7 @@ import optax  # noqa: E402
 
 from reclm_jax.llm import lora, model, sampling  # noqa: E402
 from reclm_jax.llm.config import LAYER_TARGETS, PRESETS, LlamaConfig, LoraConfig  # noqa: E402
+from timing import timed  # noqa: E402
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) from the vendors' data sheets (SXM parts).
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.039e12)}
@@ -61,19 +60,6 @@ def matmul_params(cfg: LlamaConfig) -> int:
 def lora_step_flops(cfg: LlamaConfig, batch: int, seq: int) -> float:
     attention = 4 * cfg.num_layers * seq * seq * cfg.num_heads * cfg.head_dim
     return batch * (4 * matmul_params(cfg) * seq + 3 * attention)
-
-
-def bench(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds incl. compilation, median of later calls); fn must block on its result."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def train_step_fn(cfg: LlamaConfig, lora_cfg: LoraConfig, optimizer):
@@ -107,7 +93,7 @@ def measure_training(cfg, params, args, peak_flops) -> dict:
             jax.block_until_ready(loss)
 
         try:
-            first, seconds = bench(run, args.repeats)
+            first, seconds = timed(run, args.repeats)
         except Exception as e:  # XLA reports out-of-memory as a runtime error
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -133,8 +119,8 @@ def measure_decode(cfg, params, batch, args, hbm) -> dict:
     def generate():  # no stop ids: exactly new_tokens steps per row
         sampling.generate(params, cfg, prompts, max_new_tokens=args.new_tokens, eos_ids=[])
 
-    _, t_prefill = bench(prefill, args.repeats)
-    first, t_generate = bench(generate, args.repeats)
+    _, t_prefill = timed(prefill, args.repeats)
+    first, t_generate = timed(generate, args.repeats)
     decode_s = t_generate - t_prefill
     tok_s = batch * args.new_tokens / decode_s
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
