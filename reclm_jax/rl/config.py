@@ -14,34 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reclm_jax.data.config import DataConfig
-from reclm_jax.llm.config import DTYPES, LAYER_TARGETS, PRESETS, REMAT_POLICIES, LoraConfig
+from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
 from reclm_jax.rl.rewards import RewardOptions
+from reclm_jax.sft.config import ModelConfig
 from reclm_jax.tasks.config import TaskConfig
 
 
 @dataclass(frozen=True)
-class ModelSection:
-    """The SFT model that the policy, the critic and the reference share (as SFT's `model` section, plus the
-    SFT adapter to merge)."""
+class ModelSection(ModelConfig):
+    """The SFT model that the policy, the critic and the reference share: SFT's `model` section (random
+    weights come from the PPO `seed`), plus the SFT adapter to merge."""
 
-    # A preset with embedded weights ("smollm2-135m"), a .gguf file or a Hugging Face directory (SFT's merged
-    # export); with random_init a `llm.config.PRESETS` name (smoke runs and tests).
-    base: str = "smollm2-135m"
-    random_init: bool = False  # random base weights from `seed`; vocab_size becomes the tokenizer's
     sft_adapter: str | None = None  # a PEFT adapter directory (the SFT LoRA), merged into `base` once at load
-    tokenizer: str = "smollm2-135m"  # `llm.tokenizer.load_tokenizer` name or path
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"
-
-    def __post_init__(self):
-        if self.random_init and self.base not in PRESETS:
-            raise ValueError(f"model.base {self.base!r} must be one of {sorted(PRESETS)} with model.random_init")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
 
 @dataclass(frozen=True)

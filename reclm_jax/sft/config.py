@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from reclm_jax.data.config import DataConfig
-from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
+from reclm_jax.llm.config import DTYPES, LAYER_TARGETS, PRESETS, REMAT_POLICIES, LoraConfig
 from reclm_jax.llm.sharding import MeshConfig
 from reclm_jax.tasks.config import TaskConfig
 
@@ -29,6 +29,15 @@ class ModelConfig:
     param_dtype: Dtype = "float32"  # storage of the frozen base ("bfloat16" halves its memory)
     compute_dtype: Dtype = "float32"  # "bfloat16" on accelerators; the loss and the adapter stay float32
     remat: Literal["none", "full", "dots"] = "none"  # gradient checkpointing of each decoder layer
+
+    def __post_init__(self):
+        if self.random_init and self.base not in PRESETS:
+            raise ValueError(f"model.base {self.base!r} must be one of {sorted(PRESETS)} with model.random_init")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
 
 @dataclass(frozen=True)

@@ -219,8 +219,6 @@ def run(cfg: SFTConfig, *, progress: bool = True) -> dict[str, Any]:
     dtypes = {"param_dtype": cfg.model.param_dtype, "compute_dtype": cfg.model.compute_dtype,
               "remat": cfg.model.remat}
     if cfg.model.random_init:
-        if cfg.model.base not in PRESETS:
-            raise ValueError(f"model.base {cfg.model.base!r} with model.random_init must be one of {sorted(PRESETS)}")
         model_cfg = PRESETS[cfg.model.base].replace(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                                                     **dtypes)
         params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.key(cfg.train.seed), model_cfg)
