@@ -8,6 +8,7 @@ configs are the stages' own dataclasses; the pipeline fills in the paths that co
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def run(cfg: PipelineConfig, *, progress: bool = True) -> Path:
             _say(f"[{stage}] done already in {lay.root}, skipped")
             continue
         _say(f"[{stage}] ...")
+        start = time.perf_counter()
         if stage == "teacher":
             from reclm_jax.teacher.train import train_teacher
 
@@ -115,6 +117,7 @@ def run(cfg: PipelineConfig, *, progress: bool = True) -> Path:
             _evaluate(cfg, lay, dataset, sft_cfg, progress)
         elif stage == "export":
             _export(cfg, lay, sft_cfg)
+        _say(f"[{stage}] done in {time.perf_counter() - start:.0f} s")
     return lay.eval
 
 

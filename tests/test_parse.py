@@ -187,6 +187,15 @@ def test_rendered_lists_parse_back(titles, fmt, newline, final_newline):
 
 def test_normalise():
     assert normalise("  Toy\u00a0STORY  “x”  ") == 'toy story "x"'
+    assert normalise("Big Lebowski, The (1998)") == normalise("The Big Lebowski (1998)") == "the big lebowski (1998)"
+    assert normalise("Man Who Knew Too Much, The (1934) (2)") == "the man who knew too much (1934) (2)"
+    assert normalise("American in Paris, An") == "an american in paris"
+    assert normalise("Pirates of the Caribbean, Part 2") == "pirates of the caribbean, part 2"
+
+
+def test_article_first_titles_match_catalogue_titles_filed_with_the_article_last():
+    cat = Catalogue(["Big Lebowski, The (1998)", "Toy Story (1995)"])
+    assert [it.item_id for it in cat.parse("1. The Big Lebowski (1998)\n2. toy story (1995)")] == [0, 1]
 
 
 def test_no_cut_at_a_bare_colon():

@@ -28,7 +28,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
         "teacher.model.max_len=10", "teacher.model.width=16", "teacher.train.max_epochs=2",
         "teacher.train.batch_size=256",
         f"sft.model.base={gguf}", f"sft.model.tokenizer={gguf}",
-        "sft.tasks.max_k=3", "sft.tasks.max_length=384", "sft.tasks.buckets=[384]",
+        "sft.tasks.min_k=3", "sft.tasks.max_k=3", "sft.tasks.max_length=384", "sft.tasks.buckets=[384]",
         "sft.train.global_batch=2", "sft.train.micro_batch=2", "sft.train.steps=2", "sft.valid.every=0",
         "sft.checkpoint.every=2",
         "ppo.rollout.prompts_per_step=2", "ppo.rollout.max_new_tokens=8", "ppo.ppo.minibatches=1",

@@ -42,11 +42,33 @@ def compile_cache(tmp_path_factory):
 
 
 def test_response_loss_is_per_sample_mean_then_batch_mean():
-    logprobs = jnp.array([[-1.0, -2.0, -3.0], [-0.5, -0.5, -4.0]])
-    loss_mask = jnp.array([[0, 0, 1, 1], [0, 1, 0, 0]], bool)  # row 0: tokens 2, 3; row 1: token 1
-    loss, per_sample = step_lib.response_loss(logprobs, loss_mask)
+    logprobs = jnp.array([[-2.0, -3.0, -9.0], [-0.5, -7.0, -4.0]])
+    valid = jnp.array([[1, 1, 0], [1, 0, 0]], bool)
+    loss, per_sample = step_lib.response_loss(logprobs, valid)
     np.testing.assert_allclose(per_sample, [2.5, 0.5])
     np.testing.assert_allclose(loss, 1.5)
+
+
+def test_response_positions_are_the_states_before_response_tokens():
+    loss_mask = jnp.array([[0, 0, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
+    idx, valid = step_lib.response_positions(loss_mask, 3)
+    np.testing.assert_array_equal(idx, [[1, 2, 0], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    assert step_lib.response_positions(loss_mask, 99)[0].shape == (3, 4)  # never more than T - 1
+
+
+def test_batch_loss_equals_the_loss_over_all_positions():
+    """Logits at the gathered response positions only give the full forward pass's per-token mean."""
+    params = base_params()
+    lora = jax.tree.map(lambda x: x + 0.01, init_lora(jax.random.key(1), params, CFG, LORA))
+    batch = jax.tree.map(jnp.asarray, next(iter(batches())))
+    logprobs, _ = model.token_logprobs(params, CFG, batch["tokens"], batch["attention_mask"], lora=lora,
+                                       lora_cfg=LORA)
+    mask = batch["loss_mask"][:, 1:].astype(np.float32)
+    expected = np.mean(-(logprobs * mask).sum(-1) / mask.sum(-1))
+    for size in (T, int(mask.sum(-1).max())):
+        got = step_lib.batch_loss(lora, params, batch, None, cfg=CFG, lora_cfg=LORA, response_len=size)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_schedule_warmup_then_quadratic_decay():
@@ -154,7 +176,8 @@ def test_non_finite_step_leaves_the_state_unchanged():
     placed = place(None, params, init_lora(jax.random.key(1), params, CFG, LORA), tx)
     poisoned = {**params, "final_norm": params["final_norm"].at[0].set(jnp.inf)}
     before = jax.device_get(placed.state)
-    step = step_lib.jit_train_step(CFG, LORA, tx, ACCUM, lr=step_lib.schedule(optim, TOTAL))
+    step = step_lib.jit_train_step(CFG, LORA, tx, ACCUM, sft_config("unused").tasks.max_response_tokens,
+                                   lr=step_lib.schedule(optim, TOTAL))
     new, metrics = step(placed.state, poisoned, placed.put_batch(next(iter(batches()))), jax.random.key(0))
     assert not bool(metrics["finite"])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new), before)
@@ -179,7 +202,7 @@ SHARDED_STEP = textwrap.dedent("""
     results = []
     for mesh in (None, sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))):
         placed = place(mesh, params, lora, tx)
-        fn = step_lib.jit_train_step(t.CFG, t.LORA, tx, t.ACCUM, placed.shardings)
+        fn = step_lib.jit_train_step(t.CFG, t.LORA, tx, t.ACCUM, t.T, placed.shardings)
         state, metrics = fn(placed.state, placed.params, placed.put_batch(host_batch), jax.random.key(0))
         if mesh is not None:
             spec = state["lora"]["layers"]["q"]["a"].sharding.spec

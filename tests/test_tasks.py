@@ -265,11 +265,24 @@ def test_templates_with_unknown_placeholders_are_rejected(tmp_path):
         ({"proportions": (0.0, 0.5)}, "proportions"),
         ({"rl_k": (7, 6)}, "rl_k"),
         ({"seed": -1}, "seed"),
+        ({"min_k": 6, "max_k": 5}, "min_k"),
+        ({"task_set": "v1", "train_tasks": ("seqrec", "control")}, "train_tasks"),
+        ({"train_tasks": ()}, "train_tasks"),
     ],
 )
 def test_config_rejects_bad_values(overrides, match):
     with pytest.raises(ValueError, match=match):
         TaskConfig(**overrides)
+
+
+def test_narrowed_training_data_keeps_to_its_tasks_forms_and_k(data):
+    ctx = ctx_for(data, train_tasks=("seqrec", "control"), select_form=False, min_k=3, max_k=4)
+    samples = training_samples(ctx, 0)
+    assert {s.task for s in samples} == {"seqrec", "control"}
+    assert {s.k for s in samples} == {3, 4}
+    assert all(len(s.label) == s.k for s in samples)
+    assert not any("candidate items" in s.prompt for s in samples)
+    assert any("candidate items" in s.prompt for s in training_samples(ctx_for(data), 0))  # the default has them
 
 
 def test_training_with_sharegpt_needs_its_file():

@@ -41,6 +41,8 @@ _SEPARATORS = re.compile(r"\s+(?:[(\[]|[-–—|]+\s)")  # a cut before an annot
 _GROUP_END = re.compile(r"(?<=[)\]])(?=.)")  # a cut after ")" or "]": "Heat (1995): a thriller"
 _TRAILING = " \t\r.,;"
 _SPACES = re.compile(r"\s+")
+# MovieLens and other catalogues file "The Big Lebowski (1998)" as "Big Lebowski, The (1998)".
+_TRAILING_ARTICLE = re.compile(r"^(.+), (the|a|an)((?: \([^()]*\))*)$")
 _QUOTE_MAP = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "`": "'"})
 
 
@@ -104,9 +106,11 @@ def parse_items(text: str) -> list[ParsedItem]:
 
 
 def normalise(title: str) -> str:
-    """Unicode-compatible (NFKC), case-folded, straight quotes, single spaces, stripped."""
+    """Unicode-compatible (NFKC), case-folded, straight quotes, single spaces, stripped, and an English
+    article filed at the end ("big lebowski, the (1998)") moved to the front ("the big lebowski (1998)")."""
     title = unicodedata.normalize("NFKC", title).translate(_QUOTE_MAP).casefold()
-    return _SPACES.sub(" ", title).strip()
+    title = _SPACES.sub(" ", title).strip()
+    return _TRAILING_ARTICLE.sub(r"\2 \1\3", title)
 
 
 def _unquoted(title: str) -> list[tuple[int, int]]:

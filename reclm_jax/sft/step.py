@@ -32,23 +32,43 @@ Params = dict[str, Any]
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
 
 
-def response_loss(logprobs: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(loss, per-sample losses [B]) from next-token log-probs [B, T-1] and the response mask [B, T].
+def response_loss(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(loss, per-sample losses [B]) from response-token log-probs [B, R] and their validity mask [B, R].
 
-    A sample's loss is the mean cross-entropy of its response tokens (`loss_mask[:, t]` marks token t, which
-    `logprobs[:, t-1]` predicts); the loss is the mean over samples, so long and short answers weigh the same
-    (the paper's reference code). A sample without response tokens counts as 0.
+    A sample's loss is the mean cross-entropy of its response tokens; the loss is the mean over samples, so
+    long and short answers weigh the same (the paper's reference code). A sample without response tokens
+    counts as 0.
     """
-    mask = loss_mask[:, 1:].astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
     per_sample = -(logprobs * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
     return per_sample.mean(), per_sample
 
 
+def response_positions(loss_mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """(idx [B, size], valid [B, size]): the positions t - 1 whose states predict the response tokens t
+    (`loss_mask[:, t]`), in order, padded with position 0 and marked invalid."""
+    targets = loss_mask[:, 1:]
+    size = min(size, targets.shape[1])
+    idx = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=0)[0])(targets)
+    valid = jnp.arange(size)[None, :] < targets.sum(-1, keepdims=True)
+    return idx, valid
+
+
 def batch_loss(lora: Params, params: Params, batch: dict[str, jax.Array], dropout_rng: jax.Array | None, *,
-               cfg: LlamaConfig, lora_cfg: LoraConfig) -> jax.Array:
-    logprobs, _ = model.token_logprobs(params, cfg, batch["tokens"], batch["attention_mask"], lora=lora,
-                                       lora_cfg=lora_cfg, dropout_rng=dropout_rng)
-    return response_loss(logprobs, batch["loss_mask"])[0]
+               cfg: LlamaConfig, lora_cfg: LoraConfig, response_len: int) -> jax.Array:
+    """The response loss, with vocabulary logits computed only at the (at most `response_len`) positions per
+    row that predict response tokens: at every position they would cost a third of the forward pass."""
+    tokens, attention_mask = batch["tokens"], batch["attention_mask"]
+    head_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, cfg.num_layers)
+    _, hidden, _ = model.forward(params, cfg, tokens, model.positions_from_mask(attention_mask),
+                                 attention_mask=attention_mask, lora=lora, lora_cfg=lora_cfg,
+                                 dropout_rng=dropout_rng)  # its all-position logits are unused: XLA drops them
+    idx, valid = response_positions(batch["loss_mask"], response_len)
+    states = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+    logits = model.lm_logits(params, cfg, states, lora, lora_cfg, head_rng)
+    targets = jnp.take_along_axis(tokens[:, 1:], idx, axis=1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return response_loss(picked - jax.nn.logsumexp(logits, axis=-1), valid)[0]
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -87,12 +107,14 @@ def split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]
 
 def train_step(state: Params, params: Params, batch: dict[str, jax.Array], dropout_key: jax.Array, *,
                cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, accum: int,
-               lr: optax.Schedule | None = None) -> tuple[Params, dict[str, jax.Array]]:
-    """One optimiser step on `batch` ([B, T] arrays, B = accum x micro-batch). Dropout masks come from
-    `dropout_key` folded with the step and micro-batch index, so a resumed run draws the same masks.
-    `lr`, the optimiser's schedule, only adds the step's learning rate to the metrics."""
+               response_len: int, lr: optax.Schedule | None = None) -> tuple[Params, dict[str, jax.Array]]:
+    """One optimiser step on `batch` ([B, T] arrays, B = accum x micro-batch) whose responses have at most
+    `response_len` tokens. Dropout masks come from `dropout_key` folded with the step and micro-batch index,
+    so a resumed run draws the same masks. `lr`, the optimiser's schedule, only adds the step's learning
+    rate to the metrics."""
     step_key = jax.random.fold_in(dropout_key, state["step"])
-    grad_fn = jax.value_and_grad(functools.partial(batch_loss, cfg=cfg, lora_cfg=lora_cfg))
+    grad_fn = jax.value_and_grad(functools.partial(batch_loss, cfg=cfg, lora_cfg=lora_cfg,
+                                                    response_len=response_len))
 
     def micro_step(grads, xs):
         micro, i = xs
@@ -117,11 +139,13 @@ def train_step(state: Params, params: Params, batch: dict[str, jax.Array], dropo
 
 
 def jit_train_step(cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, accum: int,
-                   shardings: tuple[Any, Any, Any] | None = None, lr: optax.Schedule | None = None):
+                   response_len: int, shardings: tuple[Any, Any, Any] | None = None,
+                   lr: optax.Schedule | None = None):
     """`train_step` jitted with the configs static and the state donated. `shardings` = (state, params,
     batch) shardings (pytrees of `jax.sharding.Sharding`) pins the layouts on a mesh; None lets inputs'
     placements decide (one device)."""
-    fn = functools.partial(train_step, cfg=cfg, lora_cfg=lora_cfg, tx=tx, accum=accum, lr=lr)
+    fn = functools.partial(train_step, cfg=cfg, lora_cfg=lora_cfg, tx=tx, accum=accum,
+                           response_len=response_len, lr=lr)
     if shardings is None:
         return jax.jit(fn, donate_argnums=0)
     state_sh, params_sh, batch_sh = shardings

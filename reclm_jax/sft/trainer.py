@@ -101,7 +101,8 @@ def train(setup: RunSetup, cfg: SFTConfig, *, progress: bool = True, max_steps: 
     out = Path(cfg.out_dir)
     tx = step_lib.optimizer(cfg.optim, setup.total_steps)
     placed = place(setup.mesh, setup.params, setup.lora, tx)
-    train_step = step_lib.jit_train_step(setup.model_cfg, setup.lora_cfg, tx, setup.accum, placed.shardings,
+    train_step = step_lib.jit_train_step(setup.model_cfg, setup.lora_cfg, tx, setup.accum,
+                                         cfg.tasks.max_response_tokens, placed.shardings,
                                          lr=step_lib.schedule(cfg.optim, setup.total_steps))
     state, params = placed.state, placed.params
     iterator = iter(setup.batches)

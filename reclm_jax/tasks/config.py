@@ -15,10 +15,13 @@ TASK_SETS = {
 class TaskConfig:
     seed: int = 0  # every random choice of the data (examples, k, categories, templates, shuffling)
     task_set: Literal["v1", "v2"] = "v2"
+    train_tasks: tuple[str, ...] | None = None  # a subset of the task set's SL tasks to train on; None: all
     # "teacher": the paper's label augmentation (target first, then the teacher's constrained top-k);
     # "history": PALR-style labels, the user's true next items and no teacher (I0 only, so task_set v1).
     labels: Literal["teacher", "history"] = "teacher"
-    max_k: int = 10  # training k is uniform in 1..max_k (the paper)
+    min_k: int = 1  # training k is uniform in min_k..max_k (the paper: 1..10)
+    max_k: int = 10
+    select_form: bool = True  # also the select-from-candidates forms of I0, I1 and I3 (the reference)
     max_history: int = 10  # items in a prompt's history (the paper)
     num_candidates: int = 10  # list size of the select-from-candidates forms (the reference)
     proportions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # I2 training x
@@ -43,11 +46,18 @@ class TaskConfig:
     item_count_k: tuple[int, int] = (11, 15)  # the ItemCount test's k range (the paper)
 
     def __post_init__(self):
-        for name in ("max_k", "max_history", "num_candidates", "search_max_k", "max_title_tokens",
+        for name in ("min_k", "max_k", "max_history", "num_candidates", "search_max_k", "max_title_tokens",
                      "max_length", "max_response_tokens", "batch_size", "num_epochs", "teacher_batch",
                      "valid_users", "test_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tasks.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_k > self.max_k:
+            raise ValueError(f"tasks.min_k ({self.min_k}) must be <= tasks.max_k ({self.max_k})")
+        if self.train_tasks is not None:
+            outside = [t for t in self.train_tasks if t not in TASK_SETS[self.task_set]]
+            if not self.train_tasks or outside:
+                raise ValueError(f"tasks.train_tasks must be a non-empty subset of task set {self.task_set}'s "
+                                 f"{list(TASK_SETS[self.task_set])}, got {list(self.train_tasks)}")
         if self.seed < 0:
             raise ValueError(f"tasks.seed must be >= 0, got {self.seed}")
         if self.prefetch < 0:
@@ -73,7 +83,7 @@ class TaskConfig:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return TASK_SETS[self.task_set]
+        return self.train_tasks or TASK_SETS[self.task_set]
 
     @property
     def mixes_sharegpt(self) -> bool:

@@ -273,6 +273,12 @@ def render(ctx: TaskContext, req: Request, label: Sequence[int] | None, rng) -> 
     )
 
 
+def _training_forms(ctx: TaskContext, group: str) -> tuple[str, ...]:
+    """The template forms of a task's training samples (tasks name their template groups)."""
+    forms = ctx.templates.forms(group)
+    return forms if ctx.cfg.select_form else tuple(f for f in forms if f != "select")
+
+
 # ---- the training tasks -----------------------------------------------------------------------------
 TRAIN_KINDS = {"seqrec": ("seq",), "control": ("+c", "-c"), "proportion": ("<=", ">=", "~")}
 
@@ -282,10 +288,10 @@ def recommendation_samples(ctx: TaskContext, task: str, examples: list[Example],
                            with_labels: bool = True, kinds: tuple[str, ...] | None = None) -> list[Sample]:
     """Samples of I0 ("seqrec"), I1 ("control") or I2 ("proportion") for `examples`, one each (fewer when
     the data cannot support a request). Each control kind of the task (or of `kinds`) and each template
-    form (default: all of the task's forms with labels, "generate" without) is equally likely."""
+    form (default: the task's training forms with labels, "generate" without) is equally likely."""
     kinds = kinds or TRAIN_KINDS[task]
-    k_range = k_range or (1, ctx.cfg.max_k)
-    forms = forms or (ctx.templates.forms(task) if with_labels else ("generate",))  # tasks name template groups
+    k_range = k_range or (ctx.cfg.min_k, ctx.cfg.max_k)
+    forms = forms or (_training_forms(ctx, task) if with_labels else ("generate",))
     palr = ctx.cfg.labels == "history" and with_labels
     need_top = not palr or any(kd in ("-c", "<=") for kd in kinds)
     top = ctx.top([e.history for e in examples], ctx.cfg.max_k + 1) if need_top else None
@@ -313,9 +319,10 @@ def recommendation_samples(ctx: TaskContext, task: str, examples: list[Example],
 def search_samples(ctx: TaskContext, items: Sequence[int], rng) -> list[Sample]:
     """I3 item search, one sample per item: the generate or select form asks for k items of one of the
     item's categories C (label: the item, then random other items of C); the reverse form asks for the
-    item's categories. Each of the three forms is equally likely. Items without a category are skipped."""
+    item's categories. Each form (the select form only with cfg.select_form) is equally likely. Items
+    without a category are skipped."""
     tpl, out = ctx.templates, []
-    forms = ctx.templates.forms("search") + ("category",)
+    forms = _training_forms(ctx, "search") + ("category",)
     for item in items:
         item = int(item)
         own = np.flatnonzero(ctx.cats[item])
