@@ -22,7 +22,8 @@ TITLES = [
     "Oldboy",
     "Madonna - The Immaculate Collection",
 ]
-CAT = Catalogue(TITLES)
+CAT = Catalogue(TITLES)  # strict, the default
+LENIENT = Catalogue(TITLES, "lenient")
 ID = {t: i for i, t in enumerate(TITLES)}
 
 
@@ -61,7 +62,22 @@ def test_text_before_and_after_the_list_blank_lines_crlf_and_no_final_newline():
     assert text[items[2].end:items[2].line_end] == "\r" and text[items[2].line_end:] == "\nEnjoy!"
 
 
-def test_quotes_and_trailing_annotations_narrow_the_span():
+def test_strict_matching_counts_only_whole_catalogue_titles():
+    """Invented suffixes and annotations are unknown titles; spans stay whole (the PPO reward sits at the end)."""
+    cat = Catalogue(["Heat", "Star Wars", "Toy Story (1995)", "Big Lebowski, The (1998)"])
+    text = ("1. Heat (3)\n2. Star Wars - The Clone Wars\n3. heat\n4. \"Heat\"\n5. Heat.\n"
+            "6. Toy  Story\u00a0(1995)\n7. The Big Lebowski (1998)\n8. Toy Story (1995) - a classic\n")
+    items = cat.parse(text)
+    assert [it.item_id for it in items] == [UNKNOWN] * 5 + [2, 3, UNKNOWN]
+    assert [it.title for it in items][:2] == ["Heat (3)", "Star Wars - The Clone Wars"]
+    check_spans(text, items)
+    lenient = Catalogue(cat.titles, "lenient")  # today's forgiving rule scores the invented ones as real
+    assert [it.item_id for it in lenient.parse(text)] == [0, 1, 0, 0, 0, 2, 3, 2]
+    assert cat.rule == "strict" and lenient.rule == "lenient"
+    assert Catalogue(cat.titles, fuzzy=True).rule == "strict+fuzzy<=3"
+
+
+def test_quotes_and_trailing_annotations_narrow_the_span_when_lenient():
     text = ('1. "Heat" (1995) - a great film\n'
             "2. Toy Story (1995) - a classic\n"
             "3. **Oldboy** - dark\n"
@@ -71,7 +87,7 @@ def test_quotes_and_trailing_annotations_narrow_the_span():
             "7. Madonna - The Immaculate Collection\n"
             "8. Heat (1995): a heist thriller\n"
             "9. Star Wars: Episode X\n")
-    items = CAT.parse(text)
+    items = LENIENT.parse(text)
     assert [it.title for it in items] == ["Heat", "Toy Story (1995)", "Oldboy", "Heat", "Heat",
                                           "Star Wars: Episode IV - A New Hope (1977)",
                                           "Madonna - The Immaculate Collection", "Heat (1995)",
@@ -80,6 +96,10 @@ def test_quotes_and_trailing_annotations_narrow_the_span():
                                             ID["Heat"], 2, ID["Madonna - The Immaculate Collection"],
                                             ID["Heat (1995)"], UNKNOWN]
     check_spans(text, items)
+    strict = CAT.parse(text)
+    assert [it.item_id for it in strict] == [UNKNOWN] * 6 + [ID["Madonna - The Immaculate Collection"], UNKNOWN,
+                                                             UNKNOWN]
+    assert [it.end for it in strict] == [it.line_end for it in strict]  # unknown: the whole line
     assert items[0].start == text.index('"Heat"') + 1  # inside the quotes
 
 
@@ -120,9 +140,10 @@ def test_empty_or_unparseable_outputs(text):
     assert all(it.item_id == UNKNOWN for it in items)
 
 
-def test_normalised_match_is_case_space_and_quote_insensitive():
-    assert ids("1. toy  story (1995)\n2. ‘TIL THERE WAS YOU (1997)") == [ID["Toy Story (1995)"],
-                                                                       ID["'Til There Was You (1997)"]]
+def test_lenient_match_is_case_space_and_quote_insensitive_strict_only_space():
+    text = "1. toy  story (1995)\n2. ‘TIL THERE WAS YOU (1997)\n3. Toy  Story\t(1995) "
+    assert ids(text, LENIENT) == [ID["Toy Story (1995)"], ID["'Til There Was You (1997)"], ID["Toy Story (1995)"]]
+    assert ids(text) == [UNKNOWN, UNKNOWN, ID["Toy Story (1995)"]]
 
 
 def test_fuzzy_match_nearest_wins_within_distance_3():
@@ -142,9 +163,12 @@ def test_fuzzy_ties_go_to_the_lowest_item_id():
 
 
 def test_normalised_collisions_go_to_the_lowest_id_but_exact_titles_stay_distinct():
-    cat = Catalogue(["Heat", "HEAT", "heat  "])
+    cat = Catalogue(["Heat", "HEAT", "heat  "], "lenient")
     assert cat.collisions == 2
     assert [cat.lookup(t)[0] for t in ["Heat", "HEAT", "hEaT"]] == [0, 1, 0]
+    strict = Catalogue(["Heat", "HEAT", "heat  "])
+    assert strict.collisions == 0
+    assert [strict.lookup(t)[0] for t in ["Heat", "HEAT", "heat", "hEaT"]] == [0, 1, 2, UNKNOWN]
 
 
 def test_title_candidates_order():
@@ -158,6 +182,8 @@ def test_title_candidates_order():
 def test_bad_catalogue_option():
     with pytest.raises(ValueError, match="max_distance"):
         Catalogue(TITLES, max_distance=-1)
+    with pytest.raises(ValueError, match="'loose' is not one of strict, lenient"):
+        Catalogue(TITLES, "loose")
 
 
 # Arbitrary text, text made of the characters the parser cares about, and pieces of real list output.
@@ -171,6 +197,7 @@ def test_parser_never_raises_and_spans_are_exact(text):
     items = parse_items(text)
     check_spans(text, items)
     check_spans(text, Catalogue(TITLES, fuzzy=True).match(items))
+    check_spans(text, Catalogue(TITLES, "lenient", fuzzy=True).match(items))
     assert all(isinstance(it, ParsedItem) and it.title == it.title.strip() for it in items)
 
 
@@ -180,26 +207,35 @@ def test_parser_never_raises_and_spans_are_exact(text):
        st.sampled_from(["\n", "\r\n", "\n\n"]), st.booleans())
 def test_rendered_lists_parse_back(titles, fmt, newline, final_newline):
     text = newline.join(fmt.format(n=i + 1, t=t) for i, t in enumerate(titles)) + (newline if final_newline else "")
-    items = CAT.parse(text)
+    items = LENIENT.parse(text)
     check_spans(text, items)
     assert [it.item_id for it in items] == [ID[t] for t in titles]
+    strict = CAT.parse(text)
+    check_spans(text, strict)
+    annotated = "fine" in fmt or "good" in fmt
+    assert [it.item_id for it in strict] == [UNKNOWN if annotated else ID[t] for t in titles]
 
 
 def test_normalise():
-    assert normalise("  Toy\u00a0STORY  “x”  ") == 'toy story "x"'
-    assert normalise("Big Lebowski, The (1998)") == normalise("The Big Lebowski (1998)") == "the big lebowski (1998)"
-    assert normalise("Man Who Knew Too Much, The (1934) (2)") == "the man who knew too much (1934) (2)"
-    assert normalise("American in Paris, An") == "an american in paris"
-    assert normalise("Pirates of the Caribbean, Part 2") == "pirates of the caribbean, part 2"
+    assert normalise("  Toy\u00a0STORY  “x”  ", lenient=True) == 'toy story "x"'
+    assert normalise("  Toy\u00a0STORY  “x”  ") == "Toy STORY “x”"
+    assert normalise("ﬁlm\tnoir") == "film noir"  # NFKC: the ligature is the same text
+    assert normalise("Big Lebowski, The (1998)") == normalise("The Big Lebowski (1998)") == "The Big Lebowski (1998)"
+    assert normalise("Big Lebowski, The (1998)", lenient=True) == "the big lebowski (1998)"
+    assert normalise("Man Who Knew Too Much, The (1934) (2)") == "The Man Who Knew Too Much (1934) (2)"
+    assert normalise("American in Paris, An") == "An American in Paris"
+    assert normalise("Pirates of the Caribbean, Part 2") == "Pirates of the Caribbean, Part 2"
 
 
 def test_article_first_titles_match_catalogue_titles_filed_with_the_article_last():
     cat = Catalogue(["Big Lebowski, The (1998)", "Toy Story (1995)"])
-    assert [it.item_id for it in cat.parse("1. The Big Lebowski (1998)\n2. toy story (1995)")] == [0, 1]
+    assert [it.item_id for it in cat.parse("1. The Big Lebowski (1998)\n2. Toy Story (1995)")] == [0, 1]
+    assert cat.lookup("the big lebowski (1998)")[0] == UNKNOWN  # strict: case counts
+    assert Catalogue(cat.titles, "lenient").lookup("the big lebowski (1998)")[0] == 0
 
 
-def test_no_cut_at_a_bare_colon():
-    cat = Catalogue(["Star Wars", "Heat (1995)"])
+def test_lenient_makes_no_cut_at_a_bare_colon():
+    cat = Catalogue(["Star Wars", "Heat (1995)"], "lenient")
     assert cat.lookup("Star Wars: Episode X")[0] == UNKNOWN
     assert cat.lookup("Heat (1995): a heist thriller") == (1, (0, 11))
 

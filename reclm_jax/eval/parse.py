@@ -12,14 +12,24 @@ Parsing (`parse_items`), robust to real model output:
   number in turn, so a number inside a title that does not continue the count is left alone).
 - The parsed title is the rest of the line (whitespace trimmed), quotes and annotations included: only
   the catalogue can tell "Toy Story (1995)" or '"Great Performances" Cats (1998)' (real ML-1M titles)
-  from "Heat (1995) - a great film" or '"Heat" - great' (a title plus a note), so `Catalogue.match`
-  narrows the span to the part that names a known item (see `title_candidates`).
+  from "Heat (1995) - a great film" or '"Heat" - great' (a title plus a note); the strict matcher
+  counts such a line as unknown, the lenient one narrows the span to the part that names a known item.
 
-Mapping (`Catalogue`): exact match on the raw title, then on normalised titles, each tried on the whole
-text and then on shorter parts (`title_candidates`: the text inside quotes, prefixes that end before an
-annotation such as " (1995) - a great film"); with
-`fuzzy=True`, a Levenshtein match (distance <= 3 on normalised text, nearest wins, ties to the lowest item
-id) over the same candidates. Unknown titles keep item id -1 and their whole span.
+Mapping (`Catalogue`), in one of two modes (`MATCH_MODES`):
+- "strict" (the default, for evaluation and PPO rewards): the whole parsed title must be a catalogue title,
+  compared after `normalise(..., lenient=False)`: Unicode NFKC, runs of whitespace as one space, stripped,
+  and an English article filed last moved to the front ("Big Lebowski, The (1998)" = "The Big Lebowski
+  (1998)"). Case, quotes and punctuation count: "heat (1995)", '"Heat (1995)"', "Heat (1995)." and
+  "Heat (3)" are not "Heat (1995)" or "Heat", "Star Wars - The Clone Wars" is not "Star Wars". This is
+  the paper's rule (a title exists only when it is in the catalogue) and the official code's exact match.
+- "lenient": the raw title, then normalised titles with case folded and curly quotes straightened, each
+  tried on the whole text and then on shorter parts (`title_candidates`: the text inside quotes, prefixes
+  that end before an annotation such as " (1995) - a great film"). Friendlier to free-form output, but it
+  scores invented titles ("Heat (3)" as "Heat") as real: results made with it must say so.
+With `fuzzy=True`, either mode falls back to a Levenshtein match (distance <= max_distance on the mode's
+normalised text, nearest wins, ties to the lowest item id): strict on the whole title (the paper's
+optional edit-distance rule), lenient over the same candidates. Unknown titles keep item id -1 and their
+whole span; a matched item's span is the part of the text that named it (the whole title when strict).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
 UNKNOWN = -1
+MATCH_MODES = ("strict", "lenient")
 
 _NUMBERED = re.compile(r"[ \t]*\(?(\d{1,3})(?:[.)\]](?!\d)|[ \t]*[-–—](?=\s))[ \t]*")
 _BULLET = re.compile(r"[ \t]*[-*•·+–—](?=\s)[ \t]*")
@@ -42,7 +53,7 @@ _GROUP_END = re.compile(r"(?<=[)\]])(?=.)")  # a cut after ")" or "]": "Heat (19
 _TRAILING = " \t\r.,;"
 _SPACES = re.compile(r"\s+")
 # MovieLens and other catalogues file "The Big Lebowski (1998)" as "Big Lebowski, The (1998)".
-_TRAILING_ARTICLE = re.compile(r"^(.+), (the|a|an)((?: \([^()]*\))*)$")
+_TRAILING_ARTICLE = re.compile(r"^(.+), (the|a|an)((?: \([^()]*\))*)$", re.IGNORECASE)
 _QUOTE_MAP = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "`": "'"})
 
 
@@ -105,10 +116,13 @@ def parse_items(text: str) -> list[ParsedItem]:
     return items
 
 
-def normalise(title: str) -> str:
-    """Unicode-compatible (NFKC), case-folded, straight quotes, single spaces, stripped, and an English
-    article filed at the end ("big lebowski, the (1998)") moved to the front ("the big lebowski (1998)")."""
-    title = unicodedata.normalize("NFKC", title).translate(_QUOTE_MAP).casefold()
+def normalise(title: str, lenient: bool = False) -> str:
+    """The key titles are compared by. Strict: Unicode-compatible (NFKC), single spaces, stripped, and an
+    English article filed at the end ("Big Lebowski, The (1998)") moved to the front ("The Big Lebowski
+    (1998)"). Lenient: also straight quotes and case-folded ("the big lebowski (1998)")."""
+    title = unicodedata.normalize("NFKC", title)
+    if lenient:
+        title = title.translate(_QUOTE_MAP).casefold()
     title = _SPACES.sub(" ", title).strip()
     return _TRAILING_ARTICLE.sub(r"\2 \1\3", title)
 
@@ -147,29 +161,39 @@ def title_candidates(title: str) -> list[tuple[int, int]]:
 
 
 class Catalogue:
-    """Title -> item id, with item ids the positions in `titles` (the dataset's unique titles).
+    """Title -> item id, with item ids the positions in `titles` (the dataset's unique titles), matched in
+    `mode` "strict" or "lenient" (see the module docstring), optionally with a fuzzy fallback.
 
     Titles that collide after normalisation map to the lowest item id (exact raw matches still tell them
     apart); `collisions` counts them.
     """
 
-    def __init__(self, titles: Sequence[str], fuzzy: bool = False, max_distance: int = 3):
+    def __init__(self, titles: Sequence[str], mode: str = "strict", fuzzy: bool = False, max_distance: int = 3):
+        if mode not in MATCH_MODES:
+            raise ValueError(f"title match mode {mode!r} is not one of {', '.join(MATCH_MODES)}")
         if max_distance < 0:
             raise ValueError(f"Catalogue max_distance={max_distance} must be >= 0")
         self.titles = list(titles)
+        self.mode = mode
         self.fuzzy = fuzzy
         self.max_distance = max_distance
+        self._lenient = mode == "lenient"
         self._exact = {}
         self._normalised = {}
         for item, title in enumerate(self.titles):
             self._exact.setdefault(title, item)
-            self._normalised.setdefault(normalise(title), item)
+            self._normalised.setdefault(normalise(title, self._lenient), item)
         self.collisions = len(self.titles) - len(self._normalised)
         # Fuzzy candidates sorted by length: a key within distance d differs in length by at most d.
         by_length = sorted(self._normalised.items(), key=lambda kv: len(kv[0]))
         self._keys = [key for key, _ in by_length]
         self._key_items = np.array([item for _, item in by_length], dtype=np.int64)
         self._key_lengths = np.array([len(key) for key in self._keys], dtype=np.int64)
+
+    @property
+    def rule(self) -> str:
+        """How titles are matched, for labelling results: "strict", "lenient", "strict+fuzzy<=3", ..."""
+        return self.mode + (f"+fuzzy<={self.max_distance}" if self.fuzzy else "")
 
     def __len__(self) -> int:
         return len(self.titles)
@@ -178,17 +202,17 @@ class Catalogue:
         """(item id, (offset, length) of the part of `title` that named it); unknown: (-1, whole title)."""
         if title in self._exact:  # the SFT format: most titles match as they stand
             return self._exact[title], (0, len(title))
-        candidates = title_candidates(title)
+        candidates = title_candidates(title) if self._lenient else [(0, len(title))]
         for offset, length in candidates:
             text = title[offset:offset + length]
             item = self._exact.get(text)
             if item is None:
-                item = self._normalised.get(normalise(text))
+                item = self._normalised.get(normalise(text, self._lenient))
             if item is not None:
                 return item, (offset, length)
         if self.fuzzy:
             for offset, length in candidates:
-                item = self._nearest(normalise(title[offset:offset + length]))
+                item = self._nearest(normalise(title[offset:offset + length], self._lenient))
                 if item != UNKNOWN:
                     return item, (offset, length)
         return UNKNOWN, (0, len(title))
