@@ -204,8 +204,10 @@ def test_test_set_targets_come_from_the_data_and_teacher(data):
             kinds = [c.kind for c, _ in s.controls]
             for (kind, m), (control, c) in zip(TEST_TASKS[name], s.controls):
                 assert control.kind == kind and control.m == m
-                if kind in ("+c", "~", ">="):
+                if kind in ("+c", "~", ">="):  # flat genres: the target's rarest one
                     assert ds.category_matrix[target, c]
+                    sizes = ds.category_matrix.sum(0)
+                    assert sizes[c] == sizes[ds.category_matrix[target]].min()
                 elif kind in ("-c", "<="):
                     assert not ds.category_matrix[target, c]
                     counts = ds.category_matrix[top[s.user]].sum(0)
@@ -217,6 +219,37 @@ def test_test_set_targets_come_from_the_data_and_teacher(data):
     for a, b in (("+c", "~30%"), ("+c", ">=30%"), ("-c", "<=20%"), ("-c", "c1<=20%&-c2")):
         assert [s.category for s in ev.tasks[a]] == [s.category for s in ev.tasks[b]]
     assert ev.tasks == build_eval_set(ctx, "test").tasks  # fixed by the seed
+
+
+def test_most_specific_category_by_hand():
+    # items x categories: 0 holds every item, 1 items 0-2, 2 items 0-1, 3 and 4 item 3 only
+    m = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 1, 1]], bool)
+    rng = np.random.default_rng(0)
+    names = ["All", "B", "C", "Dd", "Ee"]
+    assert L.most_specific_category(0, m, names, rng) == 2 and L.most_specific_category(2, m, names, rng) == 1
+    assert {L.most_specific_category(3, m, names, rng) for _ in range(40)} == {3, 4}  # a tie is drawn at random
+    assert L.most_specific_category(3, m, ["All", "B", "C", "D", "D, E"], rng) == 4  # then the longer name
+    assert L.most_specific_category(0, np.zeros((4, 2), bool), ["x", "y"], rng) is None
+
+
+def test_plus_c_test_category_is_the_deepest_of_a_hierarchy():
+    """Amazon-style categories: every prefix of the path is a category, so a broad ancestor ("Genre")
+    holds most items; +C, ~ and >= must ask for the target's deepest category, as the official code."""
+    from reclm_jax.data.amazon import category_prefixes
+    from reclm_jax.data.schema import Dataset
+
+    paths = [["Movies & TV", "Genre", "Comedy"], ["Movies & TV", "Genre", "Comedy", "Slapstick"],
+             ["Movies & TV", "Genre", "Drama"], ["Movies & TV", "Genre", "Drama", "Legal"],
+             ["Movies & TV", "Studio", "Pixar"]]
+    flat = tiny_dataset()
+    item_categories = [category_prefixes(paths[i % len(paths)]) for i in range(flat.num_items)]
+    assert item_categories[1] == ("Genre", "Genre, Comedy", "Genre, Comedy, Slapstick")
+    ds = Dataset("hierarchy", flat.titles, item_categories, flat.sequences, flat.user_names, flat.item_names)
+    ev = build_eval_set(TaskContext(ds, tiny_teacher(ds), TaskConfig(sharegpt_ratio=0.0)), "test")
+    for name in ("+c", "~30%", ">=30%", "+c1&-c2"):
+        assert len(ev.tasks[name]) == ds.num_users
+        for s in ev.tasks[name]:
+            assert ds.categories[s.controls[0][1]] == ", ".join(paths[s.target % len(paths)][1:])
 
 
 def test_valid_set_has_the_papers_four_tasks_for_a_seeded_user_subset(data):

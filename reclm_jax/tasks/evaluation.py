@@ -1,7 +1,9 @@
 """The fixed valid and test instruction sets (paper section 3), identical for every evaluated model.
 
 Control targets come from the data and the teacher only, fixed by the seed:
-- +C, ~ and >=: a category of the target item (drawn once per user);
+- +C, ~ and >=: the target item's most specific category, i.e. the one with the fewest catalogue items
+  (`labels.most_specific_category`: the deepest on hierarchical categories, as the official code; the
+  rarest genre on flat multi-genre data such as MovieLens), drawn once per user;
 - -C and <=: the category most frequent in the teacher's top-10 for the user that the target is not in
   (section 3.2.2), drawn once per user;
 - the combined tests (Table 7): +C1 & -C2 with C1 = the +C category and C2 = the -C category;
@@ -56,12 +58,12 @@ def eval_users(num_users: int, count: int | None, seed: int, split: str) -> np.n
 
 
 def _categories(ctx: TaskContext, examples: list[Example], rng) -> tuple[list, list, list]:
-    """Per example: the target's category (+C), the -C category and the next -C category (or None)."""
+    """Per example: the target's most specific category (+C), the -C category and the next -C category
+    (or None)."""
     top = ctx.top([e.history for e in examples], 10)
     pos, neg, neg2 = [], [], []
     for ex, row in zip(examples, top):
-        own = np.flatnonzero(ctx.cats[ex.target])
-        pos.append(int(rng.choice(own)) if len(own) else None)
+        pos.append(L.most_specific_category(ex.target, ctx.cats, ctx.dataset.categories, rng))
         c = L.negative_category(row, ex.target, ctx.cats, rng)
         neg.append(c)
         neg2.append(None if c is None else L.negative_category(row, ex.target, ctx.cats, rng, skip=(c,)))

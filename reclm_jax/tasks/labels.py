@@ -7,6 +7,7 @@ item ids a sample's response names, in order.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -89,6 +90,27 @@ def candidates(label: list[int], num_items: int, size: int, banned, rng: np.rand
             extra.append(i)
     out = list(label) + extra
     return [out[j] for j in rng.permutation(len(out))]
+
+
+def most_specific_category(target: int, category_matrix: np.ndarray, names: Sequence[str],
+                           rng: np.random.Generator) -> int | None:
+    """The +C test category: the target's category with the fewest catalogue items; among those, the
+    longest name (`names`: category index -> name); remaining ties drawn at random. None when the target
+    has no category.
+
+    On hierarchical categories (Amazon's "Genre" > "Genre, Comedy" prefixes, where an item belongs to all
+    its ancestors) this is the deepest one, as in the official code: a broad ancestor covers much of the
+    catalogue and would make +C almost free. (An ancestor with the very items of its only child ties on
+    size; the child's name extends the ancestor's, so the name breaks the tie.) Flat multi-genre data
+    (MovieLens, Steam tags) has no depth, so the same reading of "most specific" picks the target's rarest
+    genre: it never makes the instruction easier than any other of the target's genres."""
+    own = np.flatnonzero(category_matrix[target])
+    if not len(own):
+        return None
+    sizes = category_matrix[:, own].sum(0)
+    smallest = own[sizes == sizes.min()]
+    lengths = np.array([len(names[c]) for c in smallest])
+    return int(rng.choice(smallest[lengths == lengths.max()]))
 
 
 def negative_category(top, target: int, category_matrix: np.ndarray, rng: np.random.Generator,
