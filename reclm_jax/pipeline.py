@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from reclm_jax.data.config import DataConfig
 from reclm_jax.eval.evaluate import GenerationSettings
@@ -24,7 +25,13 @@ STAGES = ("teacher", "sft", "ppo", "evaluate", "export")
 @dataclass(frozen=True)
 class EvalSection:
     users: int | None = 50  # test users per task (None: every user, as the paper)
-    seed: int = 0
+    seed: int = 0  # of the test set and of the bootstrap
+    title_match: Literal["strict", "lenient"] = "strict"  # how answer titles name items (eval.parse)
+    bootstrap: int = 1000  # resamples of the users behind each 95 % interval
+
+    def __post_init__(self):
+        if self.bootstrap < 1:
+            raise ValueError(f"eval.bootstrap must be >= 1, got {self.bootstrap}")
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
@@ -133,7 +140,8 @@ def _evaluate(cfg: PipelineConfig, lay: Layout, dataset, sft_cfg: SFTConfig, pro
         runs.append(ModelRun("SFT + PPO", base, (str(lay.sft_adapter), str(lay.ppo_adapter)), tok))
     task_cfg = replace(sft_cfg.tasks, seed=cfg.eval.seed, test_users=cfg.eval.users, sharegpt_ratio=0.0)
     run_evaluation(dataset, Teacher.load(lay.teacher), runs, lay.eval, task_cfg=task_cfg,
-                   settings=cfg.eval.generation, teacher_path=str(lay.teacher), progress=progress)
+                   settings=cfg.eval.generation, title_match=cfg.eval.title_match, resamples=cfg.eval.bootstrap,
+                   teacher_path=str(lay.teacher), progress=progress)
     _say((lay.eval / "tables.md").read_text())
 
 

@@ -43,6 +43,10 @@ def answer(*titles):
     return "\n".join(f"{n}. {t}" for n, t in enumerate(titles, 1))
 
 
+def means(task_metrics):
+    return {name: e["mean"] for name, e in task_metrics.items()}
+
+
 # ---- scoring by hand ---------------------------------------------------------------------------------
 def hand_set(ds):
     """Two users; SeqRec k=3 for both, +C 'Drama' for user 0, '<= 20%' 'Action' for user 1."""
@@ -70,8 +74,13 @@ def test_score_answers_by_hand():
         "c1<=20%&-c2": ["I cannot help with that."],  # one line, no list marker: one unknown item
     }
     m = E.score_answers(es, answers, ds.category_matrix, Catalogue(ds.titles))
+    assert {e["n"] for e in m["seqrec"].values()} == {2} and {e["n"] for e in m["+c"].values()} == {1}
+    # HR of users (1, 0): resample means 0, 1/2, 1 with chances 1/4, 1/2, 1/4, so the 2.5 % and 97.5 %
+    # quantiles of 1000 resamples are 0 and 1
+    assert (m["seqrec"]["HR@K"]["lo"], m["seqrec"]["HR@K"]["hi"]) == (0.0, 1.0)
+    assert m["+c"]["TCP@K"]["lo"] == m["+c"]["TCP@K"]["hi"] == pytest.approx(200 / 3)  # one user: no spread
+    m = {task: means(metrics) for task, metrics in m.items()}
     s = m["seqrec"]
-    assert s["n"] == 2
     assert s["HR@K"] == 0.5 and s["NDCG@K"] == pytest.approx(0.5 / math.log2(3))
     assert s["HR@5"] == 0.5 and s["NDCG@5"] == pytest.approx(0.5 / math.log2(3))
     assert s["CorrectCount"] == 50.0 and s["NonExist@K"] == pytest.approx(100 / 3 / 2)
@@ -98,7 +107,8 @@ def test_combined_plus_minus_metric_by_hand():
     ids = E.parse_answers([answer("Evita (1996)", "Casino (1995)", "Titanic (1997)", "Heat (1995)")],
                           Catalogue(ds.titles))
     out = E.score_task("+c1&-c2", [s], ids, None, ds.category_matrix)
-    assert out["TC1not2P@K"] == 50.0 and out["HR@K"] == 1.0 and "TC1not2P@K/no_control" not in out
+    assert out["TC1not2P@K"] == {"mean": 50.0, "lo": 50.0, "hi": 50.0, "n": 1}
+    assert out["HR@K"]["mean"] == 1.0 and "TC1not2P@K/no_control" not in out
 
 
 def test_score_answers_rejects_mismatched_answers():
@@ -112,53 +122,70 @@ def test_score_answers_rejects_mismatched_answers():
 
 
 # ---- tables ------------------------------------------------------------------------------------------
+def est(mean, n, lo=None, hi=None):
+    return {"mean": mean, "lo": mean if lo is None else lo, "hi": mean if hi is None else hi, "n": n}
+
+
 ROWS = [
-    ("SASRec", {"seqrec": {"HR@K": 0.12, "NDCG@K": 0.09, "HR@5": 0.10, "NDCG@5": 0.08, "n": 20}}),
-    ("base", {"seqrec": {"HR@K": 0.01, "NDCG@K": 0.005, "HR@5": 0.0, "NDCG@5": 0.0, "n": 20},
-              "+c": {"HR@K": 0.02, "NDCG@K": 0.01, "TCP@K": 4.5, "TCP@K/no_control": 2.25, "n": 18},
-              "-c": {"HR@K": 0.03, "NDCG@K": 0.02, "TCP@K": 11.0, "TCP@K/no_control": 18.5, "n": 18}}),
-    ("ours", {"seqrec": {"HR@K": 0.11, "NDCG@K": 0.095, "HR@5": 0.1, "NDCG@5": 0.07, "n": 20},
-              "+c": {"HR@K": 0.25, "NDCG@K": 0.18, "TCP@K": 93.5, "TCP@K/no_control": 7.75, "n": 18},
-              "-c": {"HR@K": 0.10, "NDCG@K": 0.07, "TCP@K": 5.0, "TCP@K/no_control": 38.0, "n": 17}}),
+    ("SASRec", {"seqrec": {"HR@K": est(0.12, 20, 0.02, 0.3), "NDCG@K": est(0.09, 20), "HR@5": est(0.10, 20),
+                           "NDCG@5": est(0.08, 20)}}),
+    ("base", {"seqrec": {"HR@K": est(0.01, 20), "NDCG@K": est(0.005, 20), "HR@5": est(0.0, 20),
+                         "NDCG@5": est(0.0, 20)},
+              "+c": {"HR@K": est(0.02, 18), "NDCG@K": est(0.01, 18), "TCP@K": est(4.5, 18, 1.25, 9.0),
+                     "TCP@K/no_control": est(2.25, 18, 0.0, 5.0)},
+              "-c": {"HR@K": est(0.03, 18), "NDCG@K": est(0.02, 18), "TCP@K": est(11.0, 18),
+                     "TCP@K/no_control": est(18.5, 18)}}),
+    ("ours", {"seqrec": {"HR@K": est(0.11, 20), "NDCG@K": est(0.095, 20), "HR@5": est(0.1, 20),
+                         "NDCG@5": est(0.07, 20)},
+              "+c": {"HR@K": est(0.25, 18), "NDCG@K": est(0.18, 18), "TCP@K": est(93.5, 18),
+                     "TCP@K/no_control": est(7.75, 18)},
+              "-c": {"HR@K": est(0.10, 17), "NDCG@K": est(0.07, 17), "TCP@K": est(5.0, 17, 2.0, 8.25),
+                     "TCP@K/no_control": est(38.0, 17)}}),
 ]
 
 
-def test_markdown_values_order_emphasis_and_missing_cells():
+def test_markdown_values_intervals_users_order_emphasis_and_missing_cells():
     t2 = T.markdown(T.TABLES[0], ROWS).splitlines()
+    assert t2[0] == "### Table 2: sequential recommendation (I0)"
     assert t2[2] == "| Model | HR@10 | NDCG@10 | HR@5 | NDCG@5 |"
     assert [line.split(" | ")[0] for line in t2[4:7]] == ["| SASRec", "| base", "| ours"]  # the given order
-    assert t2[4] == "| SASRec | **0.1200** | <u>0.0900</u> | **0.1000** | **0.0800** |"
-    assert t2[6] == "| ours | <u>0.1100</u> | **0.0950** | **0.1000** | <u>0.0700</u> |"  # ties share a place
-    assert "Answers per task: seqrec 20." in t2[-1]
+    assert t2[4] == ("| SASRec | **0.120** [0.020, 0.300] n=20 | <u>0.090</u> [0.090, 0.090] n=20 "
+                     "| **0.100** [0.100, 0.100] n=20 | **0.080** [0.080, 0.080] n=20 |")
+    assert t2[6].startswith("| ours | <u>0.110</u> [0.110, 0.110] n=20 | **0.095** [0.095, 0.095] n=20 "
+                            "| **0.100** [0.100, 0.100] n=20 |")  # ties share a place
     t3 = T.markdown(T.TABLES[1], ROWS).splitlines()
     assert not any(line.startswith("| SASRec") for line in t3)  # no cell of Table 3 applies to the teacher
     base, ours = t3[4], t3[5]
-    assert base == ("| base | <u>0.0200</u> | <u>0.0100</u> | <u>4.50</u> (2.25) | <u>0.0300</u> | <u>0.0200</u> "
-                    "| <u>11.00</u> (18.50) |")
-    # -C's TCP is lower-is-better: 5.00 is the best
-    assert ours.endswith("| **5.00** (38.00) |")
-    assert "Answers per task: +c 18, -c 17-18." in t3[-1]
+    assert base.split(" | ")[3] == "<u>4.5</u> [1.2, 9.0] (2.2 [0.0, 5.0]) n=18"  # Python rounds half to even
+    # -C's TCP is lower-is-better: 5.0 is the best
+    assert ours.endswith("| **5.0** [2.0, 8.2] (38.0 [38.0, 38.0]) n=17 |")
+    lenient = T.markdown(T.TABLES[1], ROWS, "lenient+fuzzy<=3").splitlines()[0]
+    assert lenient.endswith("[titles matched lenient+fuzzy<=3: some invented titles count as real]")
 
 
 def test_records_csv_json_and_charts(tmp_path):
-    rows = ROWS + [("partial", {"+c": {"HR@K": 0.3, "NDCG@K": 0.2, "n": 5}})]  # no TCP measured
+    rows = ROWS + [("partial", {"+c": {"HR@K": est(0.3, 5), "NDCG@K": est(0.2, 5)}})]  # no TCP measured
     recs = T.records(T.TABLES[1], rows)
     assert [r["model"] for r in recs] == ["base", "ours", "partial"]
-    assert recs[1]["+C TCP@10 (%) ↑"] == 93.5 and recs[1]["+C TCP@10 (%) ↑ (no control)"] == 7.75
+    assert recs[1]["+C TCP@10 (%) ↑"] == est(93.5, 18) and recs[1]["+C TCP@10 (%) ↑ (no control)"] == est(7.75, 18)
     assert recs[2]["+C TCP@10 (%) ↑"] is None and recs[2]["-C HR@10"] is None
-    assert "| partial | **0.3000** | **0.2000** | – | – | – | – |" in T.markdown(T.TABLES[1], rows)
-    written = T.write_tables(rows, tmp_path)
+    partial = "| partial | **0.300** [0.300, 0.300] n=5 | **0.200** [0.200, 0.200] n=5 | – | – | – | – |"
+    assert partial in T.markdown(T.TABLES[1], rows)
+    written = T.write_tables(rows, tmp_path, title_match="lenient")
     assert set(written) == {"table2", "table3"}  # tables without any row are left out
     assert [p.name for p in written["table3"]] == ["table3.csv", "table3.png"]
     assert (tmp_path / "table3.png").stat().st_size > 5000
     lines = (tmp_path / "table3.csv").read_text(encoding="utf-8").splitlines()
-    assert lines[0].startswith("model,+C HR@10,+C NDCG@10,+C TCP@10 (%) ↑,+C TCP@10 (%) ↑ (no control),-C HR@10")
-    assert lines[3].startswith("partial,0.3,0.2,,,")
+    assert lines[0].startswith("model,+C HR@10,+C HR@10 lo,+C HR@10 hi,+C HR@10 n,+C NDCG@10,")
+    assert lines[1].startswith("base,0.02,0.02,0.02,18,0.01,0.01,0.01,18,4.5,1.25,9.0,18,2.25,0.0,5.0,18,")
+    assert lines[3].startswith("partial,0.3,0.3,0.3,5,0.2,0.2,0.2,5,,,,,")
     js = json.loads((tmp_path / "tables.json").read_text(encoding="utf-8"))
-    assert js["table2"]["rows"][0] == {"model": "SASRec", "HR@10": 0.12, "NDCG@10": 0.09, "HR@5": 0.1, "NDCG@5": 0.08}
+    assert js["table2"]["rows"][0]["HR@10"] == {"mean": 0.12, "lo": 0.02, "hi": 0.3, "n": 20}
     assert js["table3"]["answers_per_task"] == {"+c": "5-18", "-c": "17-18"}
+    assert js["table3"]["title_match"] == "lenient" and "titles matched lenient" in js["table3"]["title"]
     md = (tmp_path / "tables.md").read_text(encoding="utf-8")
-    assert md.startswith("### Table 2") and "### Table 3" in md and "Table 4" not in md
+    assert md.startswith("Each figure: mean [95 % bootstrap interval") and "titles matched lenient." in md
+    assert "### Table 2" in md and "### Table 3" in md and "Table 4" not in md
 
 
 # ---- the generation loop on a tiny random model ------------------------------------------------------
@@ -225,8 +252,8 @@ def test_generation_loop_end_to_end(tiny_model_dir, teacher_dir):
     catalogue = Catalogue(ds.titles)
     metrics = E.score_answers(es, answers, ds.category_matrix, catalogue)
     for task, samples in es.tasks.items():
-        m = metrics[task]
-        assert m["n"] == len(samples) == 4  # every answer is scored, none skipped
+        assert {e["n"] for e in metrics[task].values()} == {len(samples)} == {4}  # every answer is scored
+        m = means(metrics[task])
         # 12 random byte tokens never spell a catalogue title: every answer fails, none is left out
         ids = E.parse_answers(answers[task], catalogue)
         assert all(i == -1 for row in ids for i in row)
@@ -234,7 +261,10 @@ def test_generation_loop_end_to_end(tiny_model_dir, teacher_dir):
         assert m["HR@K"] == 0.0 and m["CorrectCount"] == 0.0
         assert m.get("CPA", 0.0) == 0.0 and m.get("TCP@K", 0.0) == 0.0
     sasrec = E.teacher_metrics(teacher, es, ds)["seqrec"]
-    assert sasrec["n"] == 4 and 0.0 <= sasrec["NDCG@5"] <= sasrec["NDCG@K"] <= sasrec["HR@K"] <= 1.0
+    assert {e["n"] for e in sasrec.values()} == {4}
+    assert all(0.0 <= e["lo"] <= e["mean"] <= e["hi"] <= 1.0 for e in sasrec.values())
+    sasrec = means(sasrec)
+    assert 0.0 <= sasrec["NDCG@5"] <= sasrec["NDCG@K"] <= sasrec["HR@K"] <= 1.0
 
 
 def run_cli(argv):
@@ -274,13 +304,8 @@ def test_evaluate_command_writes_tables_and_reuses_results(tiny_model_dir, teach
                  "table7.png"):
         assert (tmp_path / name).is_file(), name
     run = tmp_path / "runs" / f"{tiny_model_dir.name}_zero-shot"
-    assert len((run / "answers.jsonl").read_text().splitlines()) == sum(
-        json.loads((run / "metrics.json").read_text())["metrics"][t]["n"] for t in ("seqrec", "+c", "-c", "<=20%",
-                                                                                     "~30%", ">=30%", "item_count",
-                                                                                     "+c1&-c2", "c1<=20%&-c2"))
-    assert run_cli(argv) == 0
-    assert "match these settings; reusing them" in capsys.readouterr().err
-    from reclm_jax.cli import UserError
+    scored = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert len((run / "answers.jsonl").read_text().splitlines()) == sum(m["HR@K"]["n"] for m in scored.values())
 
     with pytest.raises(UserError, match="--name was given 2 times for 1 --lora"):
         run_cli(argv + ["--name", "x"])
@@ -291,18 +316,18 @@ def test_evaluate_command_writes_tables_and_reuses_results(tiny_model_dir, teach
 # ---- recommend ---------------------------------------------------------------------------------------
 def test_recommendation_lines_mark_unknown_history_and_repeats():
     ds = tiny_dataset()
-    items = Catalogue(ds.titles).parse(answer("Fargo (1996)", "The Matrix (1999)", "heat (1995)", "Fargo (1996)"))
+    items = Catalogue(ds.titles).parse(answer("Fargo (1996)", "The Matrix (1999)", "Heat (1995)", "Fargo (1996)"))
     lines = recommendation_lines(items, ds.item_categories, history={1})
     assert lines == [" 1. Fargo (1996)  [Crime, Drama]",
                      " 2. The Matrix (1999)  [not in the catalogue]",
-                     " 3. heat (1995)  [Action, Crime] (already in the history)",
+                     " 3. Heat (1995)  [Action, Crime] (already in the history)",
                      " 4. Fargo (1996)  [Crime, Drama] (repeated)"]
 
 
 def test_recommend_history_and_prompt():
     from reclm_jax.cli import UserError
 
-    cat_ = Catalogue(TITLES)
+    cat_ = Catalogue(TITLES, "lenient")  # as `recommend` matches the typed history
     assert history_items(["Heat (1995)", "  fargo (1996)"], cat_) == [1, 4]
     with pytest.raises(UserError, match=r"'Heet \(1995\)' is not in the catalogue; close titles: 'Heat \(1995\)'"):
         history_items(["Heet (1995)"], cat_)

@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 from reclm_jax.eval.controls import Control
 from reclm_jax.eval.metrics import (
     METRICS,
+    Bootstrap,
     aggregate,
     c1_pa,
     correct_count,
     cpa,
+    estimate,
     evaluate_batch,
     evaluate_sample,
     hit_at_k,
@@ -136,3 +138,63 @@ def test_batch_rejects_bad_rows_and_mixed_controls():
         evaluate_batch([[1, 2], [3]], 5, [[], []], [1, 1], [[True], [True, False]])
     with pytest.raises(ValueError, match="mix"):
         evaluate_batch([[1], [3]], 5, [[], []], [1, 1], [[True], [True]], [Control("~", 0.5), Control("+c")])
+
+
+# ---- bootstrap intervals -----------------------------------------------------------------------------
+def exact_bootstrap_quantiles(values):
+    """The exact bootstrap distribution of the mean, by enumerating all n^n equally likely resamples: the
+    2.5 % and 97.5 % quantiles (smallest mean whose cdf reaches them) and the cdf's distances from them."""
+    import itertools
+
+    n = len(values)
+    means = sorted(sum(values[i] for i in idx) / n for idx in itertools.product(range(n), repeat=n))
+    cdf = {m: (i + 1) / len(means) for i, m in enumerate(means)}  # last index of each mean: its cdf
+    quantile = {q: min(m for m in cdf if cdf[m] >= q) for q in (0.025, 0.975)}
+    margin = min(abs(c - q) for c in cdf.values() for q in (0.025, 0.975))
+    return quantile[0.025], quantile[0.975], margin
+
+
+@pytest.mark.parametrize("value", [0.0, 25.0, 100.0, 100 / 3])
+def test_constant_sample_has_a_degenerate_interval(value):
+    e = estimate({"m": np.full(7, value)}, Bootstrap(resamples=200), "t")["m"]
+    assert e["n"] == 7 and e["mean"] == pytest.approx(value)
+    assert e["lo"] == pytest.approx(value, abs=1e-12) and e["hi"] == pytest.approx(value, abs=1e-12)
+
+
+@pytest.mark.parametrize("values", [[1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 4.0, 4.0, 10.0]])
+def test_interval_matches_the_exact_bootstrap_distribution(values):
+    lo, hi, margin = exact_bootstrap_quantiles(values)
+    # [1, 0, 0, 0, 0]: 5 x the mean is Binomial(5, 0.2): P(<= 2) = 0.942, P(<= 3) = 0.993, so hi = 3/5
+    assert margin > 0.005  # 20000 resamples put the empirical cdf within ~0.001 of the exact one
+    e = estimate({"m": np.array(values)}, Bootstrap(resamples=20000, seed=3), "t")["m"]
+    assert (e["lo"], e["hi"]) == pytest.approx((lo, hi))
+    assert e["mean"] == pytest.approx(sum(values) / len(values))
+    if values[0] == 1.0:
+        assert (lo, hi) == (0.0, 0.6)
+
+
+def test_interval_of_a_proportion_matches_the_normal_approximation():
+    values = np.array([1.0] * 100 + [0.0] * 300)  # p = 0.25, n = 400: p +- 1.96 sqrt(p (1 - p) / n)
+    e = estimate({"HR": values}, Bootstrap(resamples=4000), "seqrec")["HR"]
+    half = 1.96 * np.sqrt(0.25 * 0.75 / 400)
+    assert e["lo"] == pytest.approx(0.25 - half, abs=0.006) and e["hi"] == pytest.approx(0.25 + half, abs=0.006)
+
+
+def test_metrics_share_the_resampled_users_and_the_seed_fixes_them():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 50).astype(float)
+    out = estimate({"a": a, "twice": 2 * a, "flipped": 1 - a}, Bootstrap(resamples=500, seed=1), "+c")
+    assert out["twice"]["lo"] == pytest.approx(2 * out["a"]["lo"]) and out["twice"]["hi"] == pytest.approx(
+        2 * out["a"]["hi"])
+    assert out["flipped"]["lo"] == pytest.approx(1 - out["a"]["hi"])  # the same resamples, mirrored
+    again = estimate({"a": a}, Bootstrap(resamples=500, seed=1), "+c")["a"]
+    assert again == out["a"]
+    others = [estimate({"a": a}, Bootstrap(resamples=500, seed=s), name)["a"] for s, name in ((2, "+c"), (1, "-c"))]
+    assert all(o != out["a"] for o in others)  # another seed or task draws other users
+
+
+def test_bootstrap_needs_resamples_and_samples():
+    with pytest.raises(ValueError, match="resamples must be >= 1"):
+        Bootstrap(resamples=0)
+    with pytest.raises(ValueError, match="at least one"):
+        estimate({"m": np.zeros(0)}, Bootstrap(), "t")

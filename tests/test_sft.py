@@ -234,7 +234,8 @@ def test_validation_scores_by_hand():
     def score(kind, m=0.0, category=-1):
         control = () if category < 0 else ((Control(kind, m), category),)
         sample = Sample(task="t", messages=(("user", "?"),), user=0, history=(2,), target=0, k=4, controls=control)
-        return score_task("t", [sample], parse_answers([text], catalogue), None, cats)
+        scored = score_task("t", [sample], parse_answers([text], catalogue), None, cats)
+        return {metric: e["mean"] for metric, e in scored.items()}
 
     seq = score("seq")
     assert seq["HR@K"] == 1.0 and seq["NDCG@K"] == pytest.approx(1 / np.log2(4))  # target at position 2

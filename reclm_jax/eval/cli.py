@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from reclm_jax.data.cli import add_dataset_args, dataset_from_args
+from reclm_jax.eval.parse import MATCH_MODES
 
 BASE_ROW = "{model} zero-shot"
 
@@ -27,6 +28,8 @@ def register(sub) -> None:
     ev.add_argument("--limit", type=int, help="test users per task (a seeded random subset; default: all)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the test set (users, categories, templates)")
     ev.add_argument("--batch-size", type=int, default=16, help="answers decoded together")
+    ev.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                    help="bootstrap resamples of the test users behind each 95%% interval (default: 1000)")
     ev.add_argument("--force", action="store_true", help="re-run models whose results in --out match the settings")
     ev.set_defaults(handler=_evaluate)
 
@@ -50,6 +53,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="smollm2-135m (embedded), a .gguf file or an HF model directory")
     p.add_argument("--tokenizer", help="tokenizer name or path (default: --model)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit in tokens (the paper: 512)")
+    p.add_argument("--title-match", choices=MATCH_MODES, default="strict",
+                   help="strict (default): a generated title names an item only if it is a catalogue title (up to "
+                   "spacing and an article filed last); lenient: also through case, quotes and cut-off annotations "
+                   "such as 'Heat (1995) - great', which also scores invented titles like 'Heat (3)' as real "
+                   "(tables say so)")
     p.add_argument("--fuzzy", action="store_true",
                    help="also match generated titles within Levenshtein distance 3 of a catalogue title")
 
@@ -95,6 +103,8 @@ def _evaluate(args) -> int:
     runs = model_runs(args)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.bootstrap < 1:
+        raise UserError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     try:
         # Test tasks only: no SL data is built, so the ShareGPT mix (I4) plays no part.
         task_cfg = TaskConfig(seed=args.seed, test_users=args.limit, sharegpt_ratio=0.0)
@@ -113,8 +123,9 @@ def _evaluate(args) -> int:
         raise UserError(f"--teacher has {teacher.num_items} items, dataset {dataset.name} {dataset.num_items}")
     out = Path(args.out)
     try:
-        run_evaluation(dataset, teacher, runs, out, task_cfg=task_cfg, settings=settings, fuzzy=args.fuzzy,
-                       force=args.force, teacher_path=args.teacher)
+        run_evaluation(dataset, teacher, runs, out, task_cfg=task_cfg, settings=settings,
+                       title_match=args.title_match, fuzzy=args.fuzzy, resamples=args.bootstrap, force=args.force,
+                       teacher_path=args.teacher)
     except FormatError as e:
         raise UserError(str(e)) from None
     print((out / "tables.md").read_text(encoding="utf-8"))
@@ -191,8 +202,9 @@ def _recommend(args) -> int:
     except (FormatError, ValueError) as e:
         raise UserError(f"--model/--lora: {e}") from None
     titles = display_titles(dataset.titles, model.tokenizer, TaskConfig.max_title_tokens)
-    catalogue = Catalogue(titles, fuzzy=args.fuzzy)
-    history = history_items(args.history, catalogue)
+    catalogue = Catalogue(titles, args.title_match, fuzzy=args.fuzzy)
+    # The history is typed by a person, not judged: match it leniently (an unknown title is still an error).
+    history = history_items(args.history, Catalogue(titles, "lenient", fuzzy=args.fuzzy))
     prompt = recommendation_prompt(load_templates(), [titles[i] for i in history], args.k, args.intent)
     answer = E.generate_texts(model, [Sample("recommend", (("user", prompt),))], settings)[0]
     if args.show_prompt:

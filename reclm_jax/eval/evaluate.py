@@ -2,18 +2,25 @@
 
     model = load_chat_model("smollm2-135m", loras=["runs/sft/adapter"])
     answers = generate_answers(model, eval_set, settings)          # batched greedy decoding, a progress bar
-    metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue)  # {task: {metric: value}}
+    metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue)  # {task: {metric: estimate}}
 
 or all of it for several models, with the teacher's row, the tables and per-model files (what
 `reclm-jax evaluate` runs): `run_evaluation(dataset, teacher, [ModelRun(...), ...], out_dir)`.
 
 The test set is `tasks.evaluation.build_eval_set(ctx, "test")`: fixed by the seed and the teacher, the same
-users, targets and control categories for every model. Scoring is a pure function of the generated texts.
+users, targets and control categories for every model. Scoring is a pure function of the generated texts,
+the catalogue's title matching rule (`eval.parse`: strict by default; results say which in their settings
+and tables) and the bootstrap seed.
+
+Every metric is reported as an estimate {"mean", "lo", "hi", "n"} (`eval.metrics.estimate`): the mean over
+the task's n answers (one per test user) and its 95 % percentile bootstrap interval, users resampled with
+replacement (`Bootstrap`: 1000 resamples by default, seeded by the test set's seed and the task name, so
+every model of a table is resampled with the same users).
 
 Metric keys per task (definitions in `eval/metrics.py`; @K is @k, the requested count: 10 except in
 "item_count", where k is 11..15):
 - every task: HR@K, NDCG@K, CorrectCount, RepeatItem@K, NonExist@K, InHistory@K, plus "Unparsed" (percent
-  of answers in which no list item was found at all) and "n" (answers scored);
+  of answers in which no list item was found at all); a task without samples has no metrics ({});
 - "seqrec" also HR@5 and NDCG@5 (the first 5 items of the 10 asked for, the paper's Table 2);
 - "+c", "-c", "~30%", ...: TCP@K of the control's category, and CPA for the proportion controls;
 - "+c1&-c2": TC1not2P@K (TCP@K of "in C1 and not in C2", Table 7);
@@ -39,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from reclm_jax.data.schema import Dataset
-from reclm_jax.eval.metrics import aggregate, evaluate_batch
+from reclm_jax.eval.metrics import Bootstrap, estimate, evaluate_batch
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.evaluation import EvalSet
@@ -161,11 +168,12 @@ def _control_metrics(task: str, samples: Sequence[Sample], ids: list[list[int]],
 
 
 def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain: list[list[int]] | None,
-               category_matrix: np.ndarray) -> dict[str, float]:
-    """Mean metrics of one task (see the module docstring) from the answers' parsed item ids; `plain` holds
-    each sample's user's parsed SeqRec answer, for the "/no_control" values (None: not measured)."""
+               category_matrix: np.ndarray, bootstrap: Bootstrap = Bootstrap()) -> dict[str, dict[str, float]]:
+    """The metrics of one task as estimates (see the module docstring) from the answers' parsed item ids;
+    `plain` holds each sample's user's parsed SeqRec answer, for the "/no_control" values (None: not
+    measured)."""
     if not samples:
-        return {"n": 0}
+        return {}
     k = [s.k for s in samples]
     hist = [s.history for s in samples]
     target = [s.target for s in samples]
@@ -178,7 +186,7 @@ def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain
         base = _control_metrics(task, samples, plain, category_matrix)
         per_list |= {m + NO_CONTROL: v for m, v in base.items()}
     per_list["Unparsed"] = 100.0 * np.array([len(row) == 0 for row in ids], dtype=np.float64)
-    return aggregate(per_list) | {"n": len(samples)}
+    return estimate(per_list, bootstrap, task)
 
 
 def parse_answers(answers: Sequence[str], catalogue: Catalogue) -> list[list[int]]:
@@ -187,8 +195,8 @@ def parse_answers(answers: Sequence[str], catalogue: Catalogue) -> list[list[int
 
 
 def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], category_matrix: np.ndarray,
-                  catalogue: Catalogue) -> dict[str, dict[str, float]]:
-    """{task: metrics} for every task of `eval_set` (answers[task] in the order of its samples)."""
+                  catalogue: Catalogue, bootstrap: Bootstrap = Bootstrap()) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {metric: estimate}} for every task of `eval_set` (answers[task] in the order of its samples)."""
     missing = [t for t in eval_set.tasks if t not in answers]
     if missing:
         raise ValueError(f"no answers for tasks {missing}")
@@ -203,16 +211,17 @@ def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], category
         plain = None
         if task != SEQREC and all(s.user in plain_by_user for s in samples):
             plain = [plain_by_user[s.user] for s in samples]
-        out[task] = score_task(task, samples, ids[task], plain, category_matrix)
+        out[task] = score_task(task, samples, ids[task], plain, category_matrix, bootstrap)
     return out
 
 
-def teacher_metrics(teacher, eval_set: EvalSet, dataset: Dataset) -> dict[str, dict[str, float]]:
+def teacher_metrics(teacher, eval_set: EvalSet, dataset: Dataset,
+                    bootstrap: Bootstrap = Bootstrap()) -> dict[str, dict[str, dict[str, float]]]:
     """The teacher's row of Table 2: its top-10 for the SeqRec test users (all items the user has seen are
     excluded, as in the teacher's own full-ranking evaluation), scored like an answer list."""
     samples = eval_set.tasks[SEQREC]
     if not samples:
-        return {SEQREC: {"n": 0}}
+        return {SEQREC: {}}
     histories = [dataset.test_example(s.user)[0] for s in samples]
     k = max(s.k for s in samples)
     top = teacher.topk(histories, k)
@@ -222,7 +231,7 @@ def teacher_metrics(teacher, eval_set: EvalSet, dataset: Dataset) -> dict[str, d
     res = evaluate_batch(ids, [s.k for s in samples], hist, target)
     at5 = evaluate_batch(ids, 5, hist, target)
     per_list = {"HR@K": res["HR@K"], "NDCG@K": res["NDCG@K"], "HR@5": at5["HR@K"], "NDCG@5": at5["NDCG@K"]}
-    return {SEQREC: aggregate(per_list) | {"n": len(samples)}}
+    return {SEQREC: estimate(per_list, bootstrap, SEQREC)}
 
 
 def answer_records(eval_set: EvalSet, answers: dict[str, Sequence[str]], catalogue: Catalogue) -> list[dict]:
@@ -271,13 +280,15 @@ def run_slug(label: str) -> str:
 
 def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir: str | Path, *,
                    task_cfg: TaskConfig, settings: GenerationSettings = GenerationSettings(),
-                   fuzzy: bool = False, force: bool = False, teacher_path: str | None = None,
-                   progress: bool = True) -> list[tuple[str, dict]]:
+                   title_match: str = "strict", fuzzy: bool = False, resamples: int = 1000, force: bool = False,
+                   teacher_path: str | None = None, progress: bool = True) -> list[tuple[str, dict]]:
     """Evaluate each run on the test set of `task_cfg` (seed, test_users) and write, under `out_dir`,
     runs/<label>/{metrics.json, answers.jsonl} and the tables (`tables.write_tables`). A run whose
-    metrics.json was made with the same settings (model and adapter files, test set, decoding) is read
-    back instead of decoded again unless `force`. Returns the table rows: the teacher's, then one per run.
-    Titles are shown and matched as the first run's tokenizer cuts them (`tasks.tokenize.display_titles`)."""
+    metrics.json was made with the same settings (model and adapter files, test set, decoding, title
+    matching, bootstrap) is read back instead of decoded again unless `force`. Returns the table rows: the
+    teacher's, then one per run. Titles are shown and matched as the first run's tokenizer cuts them
+    (`tasks.tokenize.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`; intervals
+    from `resamples` bootstrap resamples seeded by task_cfg.seed."""
     from reclm_jax.eval.tables import write_tables
     from reclm_jax.llm.tokenizer import load_tokenizer
     from reclm_jax.tasks.evaluation import build_eval_set
@@ -293,14 +304,16 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     tokenizer = load_tokenizer(runs[0].tokenizer or runs[0].model)
     titles = display_titles(dataset.titles, tokenizer, task_cfg.max_title_tokens)
     eval_set = build_eval_set(TaskContext(dataset, teacher, task_cfg, titles=titles), "test")
-    catalogue = Catalogue(titles, fuzzy=fuzzy)
+    catalogue = Catalogue(titles, title_match, fuzzy=fuzzy)
+    bootstrap = Bootstrap(resamples, task_cfg.seed)
     print(f"test set of {dataset.name}: " + ", ".join(f"{t} {len(s)}" for t, s in eval_set.tasks.items())
           + " answers per model" + "".join(f"; {t}: {n} users skipped" for t, n in eval_set.skipped.items() if n),
           file=sys.stderr)
 
-    rows = [(TEACHER_ROW, teacher_metrics(teacher, eval_set, dataset))]
+    rows = [(TEACHER_ROW, teacher_metrics(teacher, eval_set, dataset, bootstrap))]
     shared = {"dataset": dataset.name, "num_items": dataset.num_items, "teacher": _fingerprint(teacher_path),
-              "seed": task_cfg.seed, "test_users": task_cfg.test_users, "fuzzy": fuzzy, **asdict(settings)}
+              "seed": task_cfg.seed, "test_users": task_cfg.test_users, "title_match": catalogue.rule,
+              "bootstrap_resamples": resamples, **asdict(settings)}
     shared.pop("batch_size")  # does not change greedy answers
     for run in runs:
         run_dir = out_dir / "runs" / run_slug(run.label)
@@ -318,7 +331,7 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
         answers = generate_answers(model, eval_set, settings, progress=progress)
         seconds = time.perf_counter() - start
         del model
-        metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue)
+        metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue, bootstrap)
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
             for record in answer_records(eval_set, answers, catalogue):
@@ -327,5 +340,5 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
                                            "metrics": metrics}, indent=1) + "\n")
         print(f"{run.label}: {sum(len(a) for a in answers.values())} answers in {seconds:.0f} s", file=sys.stderr)
         rows.append((run.label, metrics))
-    write_tables(rows, out_dir)
+    write_tables(rows, out_dir, title_match=catalogue.rule)
     return rows

@@ -26,11 +26,14 @@ The three formatting rates are per list, over the k requested slots (like Eq. 7'
 the same, as in HR and NDCG, and a short list is not excused (a missing slot is simply not an error of
 that kind; CorrectCount reports it). Percent like the paper's Tables 3-5; HR and NDCG are fractions
 like its tables. An empty output is a list of 0 items and is never skipped: HR, NDCG, TCP, CPA and
-CorrectCount are 0 for it. `aggregate` averages over lists.
+CorrectCount are 0 for it. `aggregate` averages over lists; `estimate` also gives each mean a 95 %
+percentile bootstrap confidence interval over the lists (users) and their number.
 """
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -197,3 +200,46 @@ def aggregate(samples: Sequence[Mapping[str, float]] | Mapping[str, np.ndarray])
         if set(sample) != set(names):
             raise ValueError(f"sample {i} has metrics {sorted(sample)}, sample 0 has {sorted(names)}")
     return {name: float(np.mean([s[name] for s in samples])) for name in names}
+
+
+CONFIDENCE = 0.95  # the level of every reported interval
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """How `estimate` draws its confidence intervals: `resamples` samples of the lists (users) with
+    replacement, seeded by `seed` and the task's name, so every model is resampled with the same users."""
+
+    resamples: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.resamples < 1:
+            raise ValueError(f"bootstrap resamples must be >= 1, got {self.resamples}")
+
+
+def percentile_interval(values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The percentile bootstrap interval at CONFIDENCE of the mean of each column of `values` [n, M], from
+    resample weights [R, n] (how often each of the n rows is drawn in each of R resamples; rows sum to n):
+    the (1 - CONFIDENCE)/2 and (1 + CONFIDENCE)/2 quantiles (linear interpolation) of the R resample means."""
+    means = weights @ values / weights.shape[1]
+    tail = (1.0 - CONFIDENCE) / 2
+    return np.quantile(means, tail, axis=0), np.quantile(means, 1.0 - tail, axis=0)
+
+
+def estimate(per_list: Mapping[str, np.ndarray], bootstrap: Bootstrap, name: str) -> dict[str, dict[str, float]]:
+    """{metric: {"mean", "lo", "hi", "n"}}: each metric's mean over its n lists (as `aggregate`) and the
+    95 % percentile bootstrap interval [lo, hi] of that mean. All metrics share the resamples (users drawn
+    with replacement, seeded by `bootstrap.seed` and `name`, e.g. the task), so their intervals are paired;
+    n is the number of lists (users) behind each figure. A constant metric gets lo = hi = mean (up to
+    rounding)."""
+    names = list(per_list)
+    values = np.stack([np.asarray(per_list[m], dtype=np.float64) for m in names], axis=1)
+    n = values.shape[0]
+    if n == 0:
+        raise ValueError("estimate needs at least one evaluated sample")
+    rng = np.random.default_rng([bootstrap.seed, zlib.crc32(name.encode())])
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=bootstrap.resamples).astype(np.float64)
+    lo, hi = percentile_interval(values, weights)
+    mean = values.mean(0)
+    return {m: {"mean": float(mean[j]), "lo": float(lo[j]), "hi": float(hi[j]), "n": n} for j, m in enumerate(names)}

@@ -1,11 +1,16 @@
 """The paper's result tables (2, 3, 4, 5 and 7) from per-model task metrics, as Markdown, CSV, JSON and PNG.
 
-Input: rows in order, each (model name, {task: {metric: value}}) as `eval.evaluate.score_answers` (or
-`teacher_metrics`) returns them. A table shows every row that has at least one of its cells; a cell whose
-task or metric a row lacks (the teacher has no control tasks, a run may skip a task) is left empty ("–" in
-Markdown, empty in CSV, null in JSON). In Markdown the best value of each column is bold and the runner-up
-underlined, as in the paper; columns marked with a "no control" value show it in parentheses, as the
-paper's Tables 3, 4 and 7 do. Table 5's Generalization columns (MMLU, GSM8K) are not computed here.
+Input: rows in order, each (model name, {task: {metric: estimate}}) as `eval.evaluate.score_answers` (or
+`teacher_metrics`) returns them, an estimate being {"mean", "lo", "hi", "n"} (`eval.metrics.estimate`).
+A table shows every row that has at least one of its cells; a cell whose task or metric a row lacks (the
+teacher has no control tasks, a run may skip a task) is left empty ("–" in Markdown, empty in CSV, null in
+JSON). Every figure comes with its 95 % bootstrap interval and the number of users behind it: in Markdown
+"19.2 [14.1, 24.9] n=64" (percentages to 1 decimal, fractions to 3), in JSON the estimate itself, in CSV
+the columns "<label>", "<label> lo", "<label> hi", "<label> n". In Markdown the best mean of each column is
+bold and the runner-up underlined, as in the paper (intervals say whether the difference is real); columns
+marked with a "no control" value show it in parentheses, as the paper's Tables 3, 4 and 7 do. Results
+whose titles were matched leniently (`eval.parse`) say so in every table title. Table 5's Generalization
+columns (MMLU, GSM8K) are not computed here.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 
 from reclm_jax.eval.evaluate import NO_CONTROL
 
-Metrics = Mapping[str, Mapping[str, float]]  # task -> metric -> value
+Estimate = Mapping[str, float]  # {"mean", "lo", "hi", "n"}
+Metrics = Mapping[str, Mapping[str, Estimate]]  # task -> metric -> estimate
 Rows = Sequence[tuple[str, Metrics]]
 
 
@@ -30,7 +36,7 @@ class Column:
     metric: str
     header: str
     higher_is_better: bool
-    percent: bool = False  # a percentage (2 decimals), else a fraction (4 decimals)
+    percent: bool = False  # a percentage (1 decimal), else a fraction (3 decimals)
     no_control: bool = False  # also show metric + NO_CONTROL in parentheses
 
     @property
@@ -87,10 +93,15 @@ TABLES: tuple[Table, ...] = (
 )
 
 
-def cell(metrics: Metrics, column: Column, no_control: bool = False) -> float | None:
-    """The value of a column for one row (its "no control" value with no_control), or None if missing."""
+def cell(metrics: Metrics, column: Column, no_control: bool = False) -> Estimate | None:
+    """The estimate of a column for one row (its "no control" value with no_control), or None if missing."""
     value = metrics.get(column.task, {}).get(column.metric + (NO_CONTROL if no_control else ""))
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    return None if value is None or math.isnan(value["mean"]) else value
+
+
+def _mean(metrics: Metrics, column: Column) -> float | None:
+    value = cell(metrics, column)
+    return None if value is None else value["mean"]
 
 
 def table_rows(table: Table, rows: Rows) -> list[tuple[str, Metrics]]:
@@ -98,10 +109,18 @@ def table_rows(table: Table, rows: Rows) -> list[tuple[str, Metrics]]:
     return [(name, m) for name, m in rows if any(cell(m, c) is not None for c in table.columns)]
 
 
-def _fmt(value: float | None, percent: bool) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2f}" if percent else f"{value:.4f}"
+def _fmt(value: float, percent: bool) -> str:
+    return f"{value:.1f}" if percent else f"{value:.3f}"
+
+
+def _interval(value: Estimate, percent: bool) -> str:
+    """ "19.2 [14.1, 24.9]": the mean and its 95 % interval."""
+    return f"{_fmt(value['mean'], percent)} [{_fmt(value['lo'], percent)}, {_fmt(value['hi'], percent)}]"
+
+
+def _title(table: Table, title_match: str) -> str:
+    return table.title if title_match == "strict" else (
+        f"{table.title} [titles matched {title_match}: some invented titles count as real]")
 
 
 def _emphasis(values: list[float | None], higher_is_better: bool) -> list[str]:
@@ -111,43 +130,47 @@ def _emphasis(values: list[float | None], higher_is_better: bool) -> list[str]:
     return [place.get(v, "") if v is not None else "" for v in values]
 
 
-def markdown(table: Table, rows: Rows) -> str:
-    """One table as GitHub Markdown (title, header, rows, and how many answers each task scored)."""
+def markdown(table: Table, rows: Rows, title_match: str = "strict") -> str:
+    """One table as GitHub Markdown: title (naming a non-strict title match), header, and per row each
+    cell as "mean [lo, hi]", its no-control value in parentheses, and "n=" users."""
     shown = table_rows(table, rows)
-    lines = [f"### {table.title}", ""]
+    lines = [f"### {_title(table, title_match)}", ""]
     lines.append("| Model | " + " | ".join(c.label for c in table.columns) + " |")
     lines.append("|---|" + "---:|" * len(table.columns))
-    marks = [_emphasis([cell(m, c) for _, m in shown], c.higher_is_better) for c in table.columns]
+    marks = [_emphasis([_mean(m, c) for _, m in shown], c.higher_is_better) for c in table.columns]
     for r, (name, metrics) in enumerate(shown):
         cells = []
         for c, mark in zip(table.columns, marks):
-            text = _fmt(cell(metrics, c), c.percent)
-            text = {"best": f"**{text}**", "second": f"<u>{text}</u>", "": text}[mark[r]]
-            if c.no_control and cell(metrics, c) is not None:
-                text += f" ({_fmt(cell(metrics, c, no_control=True), c.percent)})"
-            cells.append(text)
+            value = cell(metrics, c)
+            if value is None:
+                cells.append("–")
+                continue
+            mean = _fmt(value["mean"], c.percent)
+            text = {"best": f"**{mean}**", "second": f"<u>{mean}</u>", "": mean}[mark[r]]
+            text += f" [{_fmt(value['lo'], c.percent)}, {_fmt(value['hi'], c.percent)}]"
+            plain = cell(metrics, c, no_control=True) if c.no_control else None
+            if plain is not None:
+                text += f" ({_interval(plain, c.percent)})"
+            cells.append(f"{text} n={int(value['n'])}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    counts = _answer_counts(table, shown)
-    if counts:
-        lines += ["", "Answers per task: " + ", ".join(f"{task} {n}" for task, n in counts.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
 def _answer_counts(table: Table, rows: Rows) -> dict[str, str]:
-    """task -> the number of scored answers ("n"), or "a-b" when the rows differ."""
+    """task -> the number of scored answers (the estimates' n), or "a-b" when the rows differ."""
     out = {}
     for task in dict.fromkeys(c.task for c in table.columns):
-        ns = sorted({int(m[task]["n"]) for _, m in rows if "n" in m.get(task, {})})
+        ns = sorted({int(e["n"]) for _, m in rows for e in m.get(task, {}).values()})
         if ns:
             out[task] = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     return out
 
 
-def records(table: Table, rows: Rows) -> list[dict[str, float | str | None]]:
-    """One dict per shown row: "model", then each column's label (and "<label> (no control)") -> value."""
+def records(table: Table, rows: Rows) -> list[dict[str, Estimate | str | None]]:
+    """One dict per shown row: "model", then each column's label (and "<label> (no control)") -> estimate."""
     out = []
     for name, metrics in table_rows(table, rows):
-        rec: dict[str, float | str | None] = {"model": name}
+        rec: dict[str, Estimate | str | None] = {"model": name}
         for c in table.columns:
             rec[c.label] = cell(metrics, c)
             if c.no_control:
@@ -156,11 +179,20 @@ def records(table: Table, rows: Rows) -> list[dict[str, float | str | None]]:
     return out
 
 
-def _or_nan(value: float | None) -> float:
-    return math.nan if value is None else value
+def _flat(record: Mapping[str, Estimate | str | None]) -> dict[str, float | str]:
+    """A record as one CSV row: "<label>" (the mean), "<label> lo", "<label> hi", "<label> n"; "" if missing."""
+    out: dict[str, float | str] = {}
+    for key, value in record.items():
+        if key == "model":
+            out[key] = value
+            continue
+        out[key] = "" if value is None else value["mean"]
+        for part in ("lo", "hi", "n"):
+            out[f"{key} {part}"] = "" if value is None else value[part]
+    return out
 
 
-def bar_chart(table: Table, rows: Rows, path: str | Path) -> Path | None:
+def bar_chart(table: Table, rows: Rows, path: str | Path, title_match: str = "strict") -> Path | None:
     """A grouped bar chart of a control table's control metrics: per metric one bar per model with the
     control text (solid) and without it (hatched). None when no row has a value to plot."""
     import matplotlib
@@ -178,16 +210,19 @@ def bar_chart(table: Table, rows: Rows, path: str | Path) -> Path | None:
     x = np.arange(len(columns))
     for i, (name, metrics) in enumerate(shown):
         color = f"C{i % 10}"
-        # a missing value (NaN) draws no bar
-        with_ctl = [_or_nan(cell(metrics, c)) for c in columns]
-        without = [_or_nan(cell(metrics, c, no_control=True)) for c in columns]
+        # a missing value (NaN) draws no bar; error bars are the 95 % intervals
+        with_ctl = _bars([cell(metrics, c) for c in columns])
+        without = _bars([cell(metrics, c, no_control=True) for c in columns])
         pos = x - 0.4 + width * (i + 0.5)
-        ax.bar(pos - width / 4, with_ctl, width / 2, color=color, label=name)
-        ax.bar(pos + width / 4, without, width / 2, color=color, alpha=0.35, hatch="//", edgecolor=color)
+        ax.bar(pos - width / 4, with_ctl[0], width / 2, yerr=with_ctl[1], capsize=2, color=color, label=name)
+        ax.bar(pos + width / 4, without[0], width / 2, yerr=without[1], capsize=2, color=color, alpha=0.35,
+               hatch="//", edgecolor=color)
     ax.set_xticks(x, [c.label for c in columns], fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
-    ax.set_title(table.title.split(";")[0] + "\nsolid: with the control text, hatched: without", fontsize=9)
+    lenient = "" if title_match == "strict" else f" [titles matched {title_match}]"
+    ax.set_title(table.title.split(";")[0] + lenient + "\nsolid: with the control text, hatched: without; "
+                 "error bars: 95 % CI", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
@@ -196,27 +231,39 @@ def bar_chart(table: Table, rows: Rows, path: str | Path) -> Path | None:
     return path
 
 
-def write_tables(rows: Rows, out_dir: str | Path, tables: Sequence[Table] = TABLES) -> dict[str, list[Path]]:
+def _bars(values: Sequence[Estimate | None]) -> tuple[list[float], list[list[float]]]:
+    """Bar heights (NaN where missing) and matplotlib's yerr (distances down to lo and up to hi)."""
+    means = [math.nan if v is None else v["mean"] for v in values]
+    down = [math.nan if v is None else v["mean"] - v["lo"] for v in values]
+    up = [math.nan if v is None else v["hi"] - v["mean"] for v in values]
+    return means, [down, up]
+
+
+def write_tables(rows: Rows, out_dir: str | Path, tables: Sequence[Table] = TABLES,
+                 title_match: str = "strict") -> dict[str, list[Path]]:
     """Write tables.md, tables.json, <table>.csv and, for the control tables, <table>.png; returns the
-    files per table key. Tables with no row are left out."""
+    files per table key. Tables with no row are left out. `title_match` (`eval.parse.Catalogue.rule`) is
+    recorded in tables.json and named in every table title unless it is "strict"."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {}
-    md, js = [], {}
+    md = [f"Each figure: mean [95 % bootstrap interval, users resampled] n=users; titles matched {title_match}.\n"]
+    js = {}
     for table in tables:
         recs = records(table, rows)
         if not recs:
             continue
-        md.append(markdown(table, rows))
-        js[table.key] = {"title": table.title, "answers_per_task": _answer_counts(table, table_rows(table, rows)),
-                         "rows": recs}
+        md.append(markdown(table, rows, title_match))
+        js[table.key] = {"title": _title(table, title_match), "title_match": title_match,
+                         "answers_per_task": _answer_counts(table, table_rows(table, rows)), "rows": recs}
         csv_path = out_dir / f"{table.key}.csv"
+        flat = [_flat(r) for r in recs]
         with open(csv_path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(recs[0]))
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
             writer.writeheader()
-            writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in recs)
+            writer.writerows(flat)
         written[table.key] = [csv_path]
-        if table.chart and (png := bar_chart(table, rows, out_dir / f"{table.key}.png")):
+        if table.chart and (png := bar_chart(table, rows, out_dir / f"{table.key}.png", title_match)):
             written[table.key].append(png)
     (out_dir / "tables.md").write_text("\n".join(md), encoding="utf-8")
     (out_dir / "tables.json").write_text(json.dumps(js, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -12,6 +12,7 @@ Defaults are the paper's where it states them, else the official code's:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from reclm_jax.data.config import DataConfig
 from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
@@ -70,6 +71,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 160  # ~112 tokens for a top-10 list of Movie titles (paper section 3)
     max_prompt_tokens: int = 512  # prompts are cut from the left to this many tokens (the paper)
+    # "strict": only a catalogue title earns an item reward; "lenient" (eval.parse) also matches through quotes,
+    # case and cut-off annotations, so an invented suffix ("Heat (3)") is never penalised
+    title_match: Literal["strict", "lenient"] = "strict"
     fuzzy_titles: bool = False  # also match titles within Levenshtein distance 3 (the official code's option)
 
     def __post_init__(self):

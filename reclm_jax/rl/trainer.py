@@ -175,8 +175,8 @@ def build(cfg: PPOConfig, teacher=None) -> tuple[PPOTrainer, PromptStream]:
                         f"{dataset.name} has {dataset.num_items}")
     tasks_cfg = cfg.prompts.tasks()
     titles = display_titles(dataset.titles, tokenizer, tasks_cfg.max_title_tokens)
-    scorer = rollout.Scorer(Catalogue(titles, fuzzy=cfg.rollout.fuzzy_titles), teacher, dataset.category_matrix,
-                            rollout.decoder(tokenizer), cfg.rewards)
+    catalogue = Catalogue(titles, cfg.rollout.title_match, fuzzy=cfg.rollout.fuzzy_titles)
+    scorer = rollout.Scorer(catalogue, teacher, dataset.category_matrix, rollout.decoder(tokenizer), cfg.rewards)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = PPOTrainer(cfg, base, model_cfg, scorer, stop_token_ids(tokenizer), pad_id,
                          data_mesh(cfg.train.data_parallel))

@@ -117,6 +117,7 @@ class ValidConfig:
     users: int | None = None  # users per valid task; None: tasks.valid_users (320, the paper)
     batch_size: int = 32  # prompts per generation batch
     max_new_tokens: int = 256  # per answer (greedy)
+    title_match: Literal["strict", "lenient"] = "strict"  # how answer titles name catalogue items (eval.parse)
     fuzzy_titles: bool = False  # also match titles within Levenshtein distance 3
 
     def __post_init__(self):

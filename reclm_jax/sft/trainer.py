@@ -242,7 +242,7 @@ def run(cfg: SFTConfig, *, progress: bool = True) -> dict[str, Any]:
         users = cfg.valid.users or tasks_cfg.valid_users
         eval_set = build_eval_set(TaskContext(dataset, teacher, replace(tasks_cfg, valid_users=users), titles=titles),
                                   "valid")
-        catalogue = Catalogue(titles, fuzzy=cfg.valid.fuzzy_titles)
+        catalogue = Catalogue(titles, cfg.valid.title_match, fuzzy=cfg.valid.fuzzy_titles)
         max_prompt = min(tasks_cfg.max_length, model_cfg.max_position_embeddings) - cfg.valid.max_new_tokens
 
         def validate(placed_params: Params, adapter: Params, step: int) -> dict[str, float]:

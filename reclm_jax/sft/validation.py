@@ -2,8 +2,9 @@
 
 Per task, every prompt is answered greedily, and the answers are scored exactly as the test evaluation
 scores them (`eval.evaluate.score_answers`): HR@K, NDCG@K and the formatting metrics for all tasks, TCP@K
-where the task names a category, CPA for the proportion task. Result keys are "<task>/<metric>"
-(e.g. "seqrec/NDCG@K", "~50%/CPA"), plus "<task>/n".
+where the task names a category, CPA for the proportion task, with the catalogue's title matching rule.
+Result keys are "<task>/<metric>" (e.g. "seqrec/NDCG@K", "~50%/CPA": the mean over the task's users),
+plus "<task>/n" (the users).
 
 `answer` abstracts the model: prompts (token ids) -> answer texts, so the PPO stage and the test evaluation
 can score any policy the same way.
@@ -31,7 +32,9 @@ def evaluate(eval_set: EvalSet, answer: Answer, tokenizer: Any, catalogue: Catal
     answers = {task: answer([prompt_ids(s, tokenizer, max_prompt_tokens) for s in samples])
                for task, samples in eval_set.tasks.items()}
     scores = score_answers(eval_set, answers, category_matrix, catalogue)
-    return {f"{task}/{name}": float(v) for task, m in scores.items() for name, v in m.items()}, answers
+    means = {f"{task}/n": float(len(eval_set.tasks[task])) for task in scores}
+    means |= {f"{task}/{name}": e["mean"] for task, m in scores.items() for name, e in m.items()}
+    return means, answers
 
 
 def greedy_answer(generate: Callable[..., Any], tokenizer: Any, batch_size: int, max_new_tokens: int,
