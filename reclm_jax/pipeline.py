@@ -28,11 +28,11 @@ class EvalSection:
     seed: int = 0  # of the test set and of the bootstrap
     title_match: Literal["strict", "lenient"] = "strict"  # how answer titles name items (eval.parse)
     bootstrap: int = 1000  # resamples of the users behind each 95 % interval
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self):
         if self.bootstrap < 1:
             raise ValueError(f"eval.bootstrap must be >= 1, got {self.bootstrap}")
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
 @dataclass(frozen=True)

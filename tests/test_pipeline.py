@@ -17,6 +17,11 @@ def test_stage_configs_connect_the_stages():
     assert sft.data == ppo.data == cfg.data
     with pytest.raises(config.ConfigError, match="unknown stage"):
         config.load(PipelineConfig, None, ["stages=[teacher, dpo]"])
+    assert (cfg.eval.title_match, cfg.eval.bootstrap) == ("strict", 1000)  # strict titles, 1000 resamples
+    with pytest.raises(config.ConfigError, match="title_match must be one of"):
+        config.load(PipelineConfig, None, ["eval.title_match=loose"])
+    with pytest.raises(config.ConfigError, match="ppo.rollout.title_match must be one of|title_match must be one"):
+        config.load(PipelineConfig, None, ["ppo.rollout.title_match=exact"])
 
 
 @pytest.mark.network

