@@ -90,13 +90,13 @@ def test_movielens_1m_quirks(tmp_path, monkeypatch):
 
 def test_movielens_bad_input(tmp_path, monkeypatch):
     write_ml100k(tmp_path, ["10\t1\t3\tnot-a-time"], ITEMS_100K)
-    with pytest.raises(DataError, match=r"ml-100k.inter:2: timestamp 'not-a-time'"):
+    with pytest.raises(DataError, match=r"ml-100k.inter: column 'timestamp': 'not-a-time' in row 1 is neither a number nor an ISO"):
         load_ml_fixture(tmp_path, monkeypatch=monkeypatch)
     write_ml100k(tmp_path, ["10\t1\t3"], ITEMS_100K)
-    with pytest.raises(DataError, match=r"ml-100k.inter:2: expected 4 tab-separated fields, got 3"):
+    with pytest.raises(DataError, match=r"ml-100k.inter: CSV parse error: Expected 4 columns, got 3"):
         load_ml_fixture(tmp_path, monkeypatch=monkeypatch)
     (tmp_path / "ml-100k.item").write_text("item_id:token\ttitle:token_seq\n1\tX\n")
-    with pytest.raises(DataError, match=r"ml-100k.item:1: missing column\(s\)"):
+    with pytest.raises(DataError, match=r"ml-100k.item: missing column\(s\) \['movie_title', 'release_year', 'genre'\]"):
         load_ml_fixture(tmp_path, monkeypatch=monkeypatch)
     (tmp_path / "ml-100k.item").unlink()
     with pytest.raises(DataError, match=r"ml-100k.item: no such file"):

@@ -22,20 +22,30 @@ def category_prefixes(path: list[str]) -> tuple[str, ...]:
 
 def read_amazon(reviews: str | Path, meta: str | Path, name: str = "amazon") -> RawData:
     items: dict[str, tuple[str, tuple[str, ...]]] = {}
-    skipped = 0
+    skipped, not_a_path, records = 0, None, 0
     for lineno, rec in read_records(meta):
+        records += 1
         if "asin" not in rec:
             raise DataError(f"{meta}:{lineno}: metadata record has no 'asin' field")
         title = rec.get("title")
         cats = rec.get("category") or rec.get("categories") or []
-        if cats and isinstance(cats[0], list):  # the 2014 files nest the category path one level deeper
+        if isinstance(cats, list) and cats and isinstance(cats[0], list):  # 2014: the path nested one level deeper
             cats = cats[0]
-        cats = category_prefixes(cats) if isinstance(cats, list) else ()
+        if not isinstance(cats, list):
+            not_a_path = not_a_path or (lineno, cats)  # a dict or a number: not a category path
+            cats = []
+        cats = category_prefixes(cats)
         if not isinstance(title, str) or not clean_title(title) or not cats:
             skipped += 1
             continue
-        items.setdefault(rec["asin"], (title, cats))
+        items.setdefault(str(rec["asin"]), (title, cats))
+    if not items:
+        raise DataError(f"{meta}: no usable metadata records ({records} read; each needs an 'asin', a 'title' "
+                        "and a 'category' list below the top level)")
     notes = [f"{skipped} metadata records lack a title or a category below the top level"] if skipped else []
+    if not_a_path:
+        notes.append(f"{meta}: some 'category' values are not a list (e.g. line {not_a_path[0]}: "
+                     f"{str(not_a_path[1])[:60]}); those records count as lacking a category")
     interactions = []
     for lineno, rec in read_records(reviews):
         try:
@@ -44,4 +54,4 @@ def read_amazon(reviews: str | Path, meta: str | Path, name: str = "amazon") -> 
             raise DataError(f"{reviews}:{lineno}: review record has no {e.args[0]!r} field") from None
         except (TypeError, ValueError):
             raise DataError(f"{reviews}:{lineno}: unixReviewTime {rec['unixReviewTime']!r} is not a number") from None
-    return RawData(name=name, items=items, interactions=interactions, notes=notes)
+    return RawData.from_records(name, items, interactions, str(reviews), notes)

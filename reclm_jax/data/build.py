@@ -17,16 +17,43 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from reclm_jax.data.schema import MIN_SEQUENCE, DataError, Dataset
 
 
 @dataclass
 class RawData:
+    """Interactions as columns of codes (users and items numbered in order of first appearance), plus the
+    catalogue of items with usable metadata. `source` and `rows` let notes point at an example row."""
+
     name: str
     items: dict[str, tuple[str, tuple[str, ...]]]  # raw item id -> (title, categories), in catalogue order
-    interactions: list[tuple[str, str, float]]  # (raw user id, raw item id, time), in file order
+    users: np.ndarray  # int32 [n]: index into user_ids, in file order
+    user_ids: list[str]
+    item_codes: np.ndarray  # int32 [n]: index into item_ids (which may hold ids missing from `items`)
+    item_ids: list[str]
+    times: np.ndarray  # float64 [n]: only the order matters
+    source: str  # the interactions file
+    rows: np.ndarray | None = None  # int64 [n]: each interaction's 1-based row in `source` (None: 1..n)
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_records(cls, name: str, items: dict[str, tuple[str, tuple[str, ...]]],
+                     interactions: list[tuple[str, str, float]], source: str, notes: list[str]) -> "RawData":
+        """From (user id, item id, time) tuples in file order."""
+        users, user_ids = encode(pa.array([r[0] for r in interactions], pa.string()))
+        item_codes, item_ids = encode(pa.array([r[1] for r in interactions], pa.string()))
+        times = np.array([r[2] for r in interactions], dtype=np.float64)
+        return cls(name, items, users, user_ids, item_codes, item_ids, times, source, notes=notes)
+
+
+def encode(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Strings -> (int32 codes, the distinct values in order of first appearance)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    enc = values.dictionary_encode()
+    return enc.indices.to_numpy().astype(np.int32, copy=False), enc.dictionary.to_pylist()
 
 
 def clean_title(title: str) -> str:
@@ -36,60 +63,82 @@ def clean_title(title: str) -> str:
 
 def build(raw: RawData, user_core: int = 0, item_core: int = 0, min_sequence: int = MIN_SEQUENCE) -> Dataset:
     notes = list(raw.notes)
-    if not raw.interactions:
-        raise DataError(f"{raw.name}: no interactions were read")
+    n = len(raw.users)
+    if not n:
+        raise DataError(f"{raw.name}: no interactions were read from {raw.source}")
+    if not raw.items:
+        raise DataError(f"{raw.name}: no usable metadata records (items with a title and a category)")
+    rows = raw.rows if raw.rows is not None else np.arange(1, n + 1, dtype=np.int64)
 
-    by_user: dict[str, list[tuple[float, str]]] = {}
-    unknown = 0
-    for user, item, time in raw.interactions:
-        if item not in raw.items:
-            unknown += 1
-            continue
-        by_user.setdefault(user, []).append((time, item))
-    if unknown:
-        notes.append(f"dropped {unknown} interactions whose item has no usable metadata (title and category)")
+    def example(i: int) -> str:
+        return f"{raw.source} row {rows[i]} (user {raw.user_ids[users[i]]!r}, item {raw.item_ids[raw_items[i]]!r})"
 
-    sequences: dict[str, list[str]] = {}
-    repeats = 0
-    for user, events in by_user.items():
-        events.sort(key=lambda e: e[0])  # stable: ties keep file order
-        seen: set[str] = set()
-        seq = []
-        for _, item in events:
-            if item in seen:
-                repeats += 1
-                continue
-            seen.add(item)
-            seq.append(item)
-        sequences[user] = seq
-    if repeats:
-        notes.append(f"dropped {repeats} repeated (user, item) interactions (kept the earliest)")
+    catalogue = {item_id: k for k, item_id in enumerate(raw.items)}
+    to_catalogue = np.array([catalogue.get(i, -1) for i in raw.item_ids], dtype=np.int32)
+    users, raw_items, times = raw.users, raw.item_codes, raw.times
+    known = to_catalogue[raw_items] >= 0
+    if not known.all():
+        first = int(np.argmin(known))
+        if not known.any():
+            raise DataError(
+                f"{raw.name}: no interaction's item has usable metadata (e.g. {example(first)}; catalogue ids look "
+                f"like {list(raw.items)[:3]}): do the two files number items the same way?"
+            )
+        notes.append(f"dropped {n - int(known.sum())} interactions whose item has no usable metadata (title and "
+                     f"category), e.g. {example(first)}")
+        keep = np.flatnonzero(known)
+        users, raw_items, times, rows = users[keep], raw_items[keep], times[keep], rows[keep]
+
+    # Users in order of first appearance; each user's interactions in time order (lexsort is stable: ties
+    # keep file order); a repeated (user, item) pair keeps its earliest interaction.
+    _, first_seen = np.unique(users, return_index=True)
+    rank = np.empty(len(raw.user_ids), dtype=np.int64)
+    rank[users[np.sort(first_seen)]] = np.arange(len(first_seen))
+    order = np.lexsort((times, rank[users]))
+    users, raw_items, rows = users[order], raw_items[order], rows[order]
+    user_rank, items = rank[users], to_catalogue[raw_items].astype(np.int64)
+    num_items = len(raw.items)
+    _, first_pair = np.unique(user_rank * num_items + items, return_index=True)
+    if len(first_pair) < len(items):
+        keep = np.zeros(len(items), dtype=bool)
+        keep[first_pair] = True
+        first = int(np.flatnonzero(~keep)[np.argmin(rows[~keep])])
+        notes.append(f"dropped {len(items) - len(first_pair)} repeated (user, item) interactions (kept the "
+                     f"earliest), e.g. {example(first)}")
+        users, raw_items, rows, user_rank, items = (a[keep] for a in (users, raw_items, rows, user_rank, items))
 
     if user_core > 1 or item_core > 1:
-        sequences = _k_core(sequences, user_core, item_core, notes)
+        keep = _k_core(user_rank, items, len(first_seen), num_items, user_core, item_core, notes)
+        users, raw_items, rows, user_rank, items = (a[keep] for a in (users, raw_items, rows, user_rank, items))
 
-    short = [u for u, s in sequences.items() if len(s) < min_sequence]
-    if short:
-        notes.append(f"dropped {len(short)} users with fewer than {min_sequence} interactions")
-        for u in short:
-            del sequences[u]
-    if not sequences:
+    lengths = np.bincount(user_rank, minlength=len(first_seen))
+    short = (lengths > 0) & (lengths < min_sequence)
+    if short.any():
+        first = int(np.argmax(short[user_rank]))
+        notes.append(f"dropped {int(short.sum())} users with fewer than {min_sequence} interactions, e.g. "
+                     f"{example(first)}")
+        keep = ~short[user_rank]
+        users, raw_items, rows, user_rank, items = (a[keep] for a in (users, raw_items, rows, user_rank, items))
+    if not len(items):
         raise DataError(f"{raw.name}: no user has {min_sequence} or more interactions after filtering")
 
-    used = {i for s in sequences.values() for i in s}
-    item_names = [i for i in raw.items if i in used]
-    if len(item_names) < len(raw.items):
-        notes.append(f"{len(raw.items) - len(item_names)} catalogue items have no kept interactions and are left out")
+    used = np.zeros(num_items, dtype=bool)
+    used[items] = True
+    catalogue_ids = list(raw.items)
+    item_names = [catalogue_ids[k] for k in np.flatnonzero(used)]
+    if len(item_names) < num_items:
+        notes.append(f"{num_items - len(item_names)} catalogue items have no kept interactions and are left out")
     titles, renamed = unique_titles([clean_title(raw.items[i][0]) for i in item_names])
     if renamed:
         notes.append(f"{renamed} items shared a title with an earlier item and got a ' (n)' suffix")
-    index = {name: i for i, name in enumerate(item_names)}
+    new_index = np.cumsum(used, dtype=np.int64) - 1
+    kept_users, starts = np.unique(user_rank, return_index=True)  # user_rank is sorted: runs of one user
     return Dataset(
         name=raw.name,
         titles=titles,
         item_categories=[raw.items[i][1] for i in item_names],
-        sequences=[np.array([index[i] for i in s], dtype=np.int32) for s in sequences.values()],
-        user_names=list(sequences),
+        sequences=np.split(new_index[items].astype(np.int32), starts[1:]),
+        user_names=[raw.user_ids[u] for u in users[starts]],
         item_names=item_names,
         notes=notes,
     )
@@ -115,21 +164,23 @@ def unique_titles(titles: list[str]) -> tuple[list[str], int]:
     return out, renamed
 
 
-def _k_core(sequences: dict[str, list[str]], user_core: int, item_core: int, notes: list[str]) -> dict[str, list[str]]:
-    users_before = len(sequences)
-    items_before = len({i for s in sequences.values() for i in s})
+def _k_core(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, user_core: int,
+           item_core: int, notes: list[str]) -> np.ndarray:
+    """The mask of interactions kept by iterated k-core filtering: drop rare items, then short users, repeat."""
+    keep = np.ones(len(items), dtype=bool)
+    users_before, items_before = len(np.unique(users)), len(np.unique(items))
     rounds = 0
     while True:
         rounds += 1
-        counts = Counter(i for s in sequences.values() for i in s)
-        kept = {u: [i for i in s if counts[i] >= item_core] for u, s in sequences.items()}
-        kept = {u: s for u, s in kept.items() if len(s) >= user_core}
-        if kept == sequences:
+        item_counts = np.bincount(items[keep], minlength=num_items)
+        kept = keep & (item_counts[items] >= item_core)
+        user_counts = np.bincount(users[kept], minlength=num_users)
+        kept &= user_counts[users] >= user_core
+        if (kept == keep).all():
             break
-        sequences = kept
-    items_after = len({i for s in sequences.values() for i in s})
+        keep = kept
     notes.append(
-        f"{user_core}-core users / {item_core}-core items ({rounds} rounds): kept {len(sequences)} of "
-        f"{users_before} users and {items_after} of {items_before} items"
+        f"{user_core}-core users / {item_core}-core items ({rounds} rounds): kept {len(np.unique(users[keep]))} of "
+        f"{users_before} users and {len(np.unique(items[keep]))} of {items_before} items"
     )
-    return sequences
+    return keep

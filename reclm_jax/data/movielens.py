@@ -10,36 +10,40 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from reclm_jax.data.build import RawData
-from reclm_jax.data.readers import read_atomic
+from reclm_jax.data.files import parse_times
 from reclm_jax.data.schema import DataError
+from reclm_jax.data.tables import Table
 
 _YEAR_SUFFIX = re.compile(r"\(\d{4}\)$")
 
 
 def read_movielens(folder: str | Path, name: str) -> RawData:
     folder = Path(folder)
-    inter_path, item_path = folder / f"{name}.inter", folder / f"{name}.item"
+    inter, item = Table(folder / f"{name}.inter", "atomic"), Table(folder / f"{name}.item", "atomic")
+    # The two releases name their columns differently; read whichever layout the header has.
+    cols = ["item_id", "movie_title", "release_year", "class" if "class" in item.names else "genre"]
+    data = _read(item, cols)
     items: dict[str, tuple[str, tuple[str, ...]]] = {}
-    notes: list[str] = []
-    # The two files name their columns differently; read whichever layout the header has.
-    header = item_path.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0] if item_path.is_file() else ""
-    genre_col = "class" if "class:" in header else "genre"
-    rows = read_atomic(item_path, {"id": "item_id", "title": "movie_title", "year": "release_year", "genres": genre_col})
-    for lineno, row in rows:
-        item_id = row["id"].strip()
+    for lineno, (item_id, title, year, genres) in enumerate(zip(*(data[c].to_pylist() for c in cols)), 2):
+        item_id, title, year = (item_id or "").strip(), (title or "").strip(), (year or "").strip()
         if item_id in items:
-            raise DataError(f"{item_path}:{lineno}: item id {item_id!r} appears twice")
-        title = row["title"].strip()
-        year = row["year"].strip().removesuffix(".0")  # ML-1M types the year as float
+            raise DataError(f"{item.path}:{lineno}: item id {item_id!r} appears twice")
+        year = year.removesuffix(".0")  # ML-1M types the year as float
         if year.isdigit() and not _YEAR_SUFFIX.search(title):
             title = f"{title} ({year})"
-        items[item_id] = (title, tuple(row["genres"].split()))
-    interactions = []
-    for lineno, row in read_atomic(inter_path, {"user": "user_id", "item": "item_id", "time": "timestamp"}):
-        try:
-            t = float(row["time"])
-        except ValueError:
-            raise DataError(f"{inter_path}:{lineno}: timestamp {row['time']!r} is not a number") from None
-        interactions.append((row["user"].strip(), row["item"].strip(), t))
-    return RawData(name=name, items=items, interactions=interactions, notes=notes)
+        items[item_id] = (title, tuple((genres or "").split()))
+    data = _read(inter, ["user_id", "item_id", "timestamp"])
+    times = parse_times(data["timestamp"], inter, "timestamp", np.arange(1, data.num_rows + 1))
+    interactions = [((u or "").strip(), (i or "").strip(), t)
+                    for u, i, t in zip(data["user_id"].to_pylist(), data["item_id"].to_pylist(), times.tolist())]
+    return RawData.from_records(name, items, interactions, inter.path.name, [])
+
+
+def _read(table: Table, cols: list[str]):
+    missing = [c for c in cols if c not in table.names]
+    if missing:
+        raise DataError(f"{table.path}: missing column(s) {missing}; the header has {table.names}")
+    return table.read(cols)

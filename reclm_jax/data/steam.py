@@ -14,16 +14,27 @@ from reclm_jax.data.readers import read_records
 from reclm_jax.data.schema import DataError
 
 
+def _labels(value) -> list[str]:
+    """A genres/tags value: a list of strings, or one string of comma-separated names."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
 def read_steam(reviews: str | Path, games: str | Path, name: str = "steam") -> RawData:
     items: dict[str, tuple[str, tuple[str, ...]]] = {}
-    skipped = 0
+    skipped, records = 0, 0
     for _, rec in read_records(games):
+        records += 1
         title = rec.get("title") or rec.get("app_name")
-        cats = tuple(dict.fromkeys(c for c in (rec.get("genres") or []) + (rec.get("tags") or []) if isinstance(c, str)))
+        cats = tuple(dict.fromkeys(_labels(rec.get("genres")) + _labels(rec.get("tags"))))
         if "id" not in rec or not isinstance(title, str) or not clean_title(title) or not cats:
             skipped += 1
             continue
         items.setdefault(str(rec["id"]), (title, cats))
+    if not items:
+        raise DataError(f"{games}: no usable metadata records ({records} read; each needs an 'id', a 'title' or "
+                        "'app_name', and 'genres' or 'tags')")
     notes = [f"{skipped} game records lack an id, a title or any genre/tag"] if skipped else []
     interactions = []
     for lineno, rec in read_records(reviews):
@@ -36,4 +47,4 @@ def read_steam(reviews: str | Path, games: str | Path, name: str = "steam") -> R
         except ValueError:
             raise DataError(f"{reviews}:{lineno}: date {day!r} is not YYYY-MM-DD") from None
         interactions.append((str(user), str(item), float(t)))
-    return RawData(name=name, items=items, interactions=interactions, notes=notes)
+    return RawData.from_records(name, items, interactions, str(reviews), notes)
