@@ -247,3 +247,53 @@ def test_real_ml100k(monkeypatch, capsys):
     ds = load_dataset("ml-100k")
     assert len(set(ds.titles)) == 1682 and ds.titles[0] == "Toy Story (1995)"
     assert all(len(s) >= 20 for s in ds.sequences)
+
+
+def test_amazon_category_not_a_list(tmp_path):
+    """A dict or a number where the category path should be is counted, not a raw KeyError/TypeError."""
+    meta = [amazon_meta("A", "Alien", ["Movies & TV", "Sci-Fi"]), amazon_meta("B", "Blade", {"0": "Action"}),
+            amazon_meta("C", "Casablanca", 7), amazon_meta("D", "Dune", ["Movies & TV", "Sci-Fi"]),
+            amazon_meta("E", "Ed Wood", ["Movies & TV", "Drama"])]
+    write_lines(tmp_path / "meta.json", meta)
+    write_lines(tmp_path / "reviews.json", [review("u", a, t) for t, a in enumerate("ABCDE")])
+    ds = load_dataset(DataConfig("amazon", str(tmp_path / "reviews.json"), str(tmp_path / "meta.json"), 0, 0, cache=False))
+    assert ds.titles == ["Alien", "Dune", "Ed Wood"]
+    notes = " | ".join(ds.notes)
+    assert "2 metadata records lack a title or a category" in notes
+    assert "meta.json: some 'category' values are not a list (e.g. line 2: {'0': 'Action'})" in notes
+
+
+@pytest.mark.parametrize("records", [[], [{"asin": "A", "brand": "x"}, {"asin": "B", "title": "Blade"}]])
+def test_amazon_no_usable_metadata(tmp_path, records):
+    write_lines(tmp_path / "meta.json", records)
+    write_lines(tmp_path / "reviews.json", [review("u", "A", 1)])
+    cfg = DataConfig("amazon", str(tmp_path / "reviews.json"), str(tmp_path / "meta.json"), cache=False)
+    with pytest.raises(DataError, match=rf"meta.json: no usable metadata records \({len(records)} read; each needs "
+                       "an 'asin', a 'title' and a 'category' list"):
+        load_dataset(cfg)
+
+
+def test_steam_genres_and_tags_as_strings(tmp_path):
+    games = [{"id": "1", "title": "Portal", "genres": "Action, Puzzle", "tags": "Sci-fi"},
+             {"id": "2", "title": "Doom", "genres": ["Action"], "tags": 5},
+             {"id": "3", "title": "Myst", "genres": "", "tags": ["Puzzle"]}]
+    write_lines(tmp_path / "g.json", games, literal=True)
+    write_lines(tmp_path / "r.json", [{"username": "a", "product_id": i, "date": "2017-01-0" + i} for i in "123"],
+                literal=True)
+    ds = load_dataset(DataConfig("steam", str(tmp_path / "r.json"), str(tmp_path / "g.json"), 0, 0, min_sequence=3,
+                                 cache=False))
+    assert ds.item_categories == [("Action", "Puzzle", "Sci-fi"), ("Action",), ("Puzzle",)]
+    write_lines(tmp_path / "g.json", [{"id": "1", "title": "Portal"}], literal=True)
+    with pytest.raises(DataError, match=r"g.json: no usable metadata records \(1 read"):
+        load_dataset(DataConfig("steam", str(tmp_path / "r.json"), str(tmp_path / "g.json"), cache=False))
+
+
+def test_truncated_json_gz(tmp_path):
+    write_lines(tmp_path / "meta.json.gz", [amazon_meta(f"A{i}", f"T{i}", ["M", "X"]) for i in range(2000)], gz=True)
+    data = (tmp_path / "meta.json.gz").read_bytes()
+    (tmp_path / "meta.json.gz").write_bytes(data[: len(data) // 2])
+    write_lines(tmp_path / "reviews.json", [review("u", "A1", 1)])
+    cfg = DataConfig("amazon", str(tmp_path / "reviews.json"), str(tmp_path / "meta.json.gz"), cache=False)
+    with pytest.raises(DataError, match=r"meta.json.gz: the gzip data is cut short or corrupt after line \d+ .*"
+                       "download the file again"):
+        load_dataset(cfg)

@@ -84,8 +84,8 @@ def build(raw: RawData, user_core: int = 0, item_core: int = 0, min_sequence: in
                 f"{raw.name}: no interaction's item has usable metadata (e.g. {example(first)}; catalogue ids look "
                 f"like {list(raw.items)[:3]}): do the two files number items the same way?"
             )
-        notes.append(f"dropped {n - int(known.sum())} interactions whose item has no usable metadata (title and "
-                     f"category), e.g. {example(first)}")
+        notes.append(f"dropped {n - int(known.sum())} interactions whose item has no usable metadata, e.g. "
+                     f"{example(first)}")
         keep = np.flatnonzero(known)
         users, raw_items, times, rows = users[keep], raw_items[keep], times[keep], rows[keep]
 

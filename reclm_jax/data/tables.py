@@ -100,8 +100,8 @@ class Table:
     @property
     def _parse_options(self) -> pcsv.ParseOptions:
         # RecBole's atomic files are plain tab-separated text: a quote is part of a title, never a delimiter
-        csv = self.format == "csv"
-        return pcsv.ParseOptions(delimiter="," if csv else "\t", quote_char='"' if csv else False)
+        atomic = self.format == "atomic"
+        return pcsv.ParseOptions(delimiter="," if self.format == "csv" else "\t", quote_char=False if atomic else '"')
 
     # ---- column names ---------------------------------------------------------------------------------
     @cached_property
@@ -112,6 +112,8 @@ class Table:
                                  read_options=pcsv.ReadOptions(block_size=1 << 20)).schema.names
         except pa.ArrowException as e:
             raise DataError(f"{self.path}: {e}") from None
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot read it ({e}); a truncated or corrupt download?") from None
 
     @cached_property
     def names(self) -> list[str]:
