@@ -12,7 +12,6 @@ Order of operations (each step that removes something says so, with counts, in `
 from __future__ import annotations
 
 import html
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -58,7 +57,7 @@ def encode(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
 
 def clean_title(title: str) -> str:
     """Unescape HTML entities and collapse whitespace (Amazon titles carry both)."""
-    return re.sub(r"\s+", " ", html.unescape(title)).strip()
+    return " ".join((html.unescape(title) if "&" in title else title).split())
 
 
 def build(raw: RawData, user_core: int = 0, item_core: int = 0, min_sequence: int = MIN_SEQUENCE) -> Dataset:
@@ -89,36 +88,36 @@ def build(raw: RawData, user_core: int = 0, item_core: int = 0, min_sequence: in
         keep = np.flatnonzero(known)
         users, raw_items, times, rows = users[keep], raw_items[keep], times[keep], rows[keep]
 
-    # Users in order of first appearance; each user's interactions in time order (lexsort is stable: ties
-    # keep file order); a repeated (user, item) pair keeps its earliest interaction.
-    _, first_seen = np.unique(users, return_index=True)
-    rank = np.empty(len(raw.user_ids), dtype=np.int64)
-    rank[users[np.sort(first_seen)]] = np.arange(len(first_seen))
-    order = np.lexsort((times, rank[users]))
+    # Each user's interactions in time order (lexsort is stable: ties keep file order); users are numbered in
+    # order of their first appearance; a repeated (user, item) pair keeps its earliest interaction.
+    order = np.lexsort((times, users))
     users, raw_items, rows = users[order], raw_items[order], rows[order]
-    user_rank, items = rank[users], to_catalogue[raw_items].astype(np.int64)
+    first_seen = np.full(len(raw.user_ids), np.iinfo(np.int64).max)
+    starts = _run_starts(users)
+    first_seen[users[starts]] = np.minimum.reduceat(rows, starts)
+    items = to_catalogue[raw_items].astype(np.int64)
     num_items = len(raw.items)
-    _, first_pair = np.unique(user_rank * num_items + items, return_index=True)
+    _, first_pair = np.unique(users.astype(np.int64) * num_items + items, return_index=True)
     if len(first_pair) < len(items):
         keep = np.zeros(len(items), dtype=bool)
         keep[first_pair] = True
         first = int(np.flatnonzero(~keep)[np.argmin(rows[~keep])])
         notes.append(f"dropped {len(items) - len(first_pair)} repeated (user, item) interactions (kept the "
                      f"earliest), e.g. {example(first)}")
-        users, raw_items, rows, user_rank, items = (a[keep] for a in (users, raw_items, rows, user_rank, items))
+        users, raw_items, rows, items = (a[keep] for a in (users, raw_items, rows, items))
 
     if user_core > 1 or item_core > 1:
-        keep = _k_core(user_rank, items, len(first_seen), num_items, user_core, item_core, notes)
-        users, raw_items, rows, user_rank, items = (a[keep] for a in (users, raw_items, rows, user_rank, items))
+        keep = _k_core(users, items, len(raw.user_ids), num_items, user_core, item_core, notes)
+        users, raw_items, rows, items = (a[keep] for a in (users, raw_items, rows, items))
 
-    lengths = np.bincount(user_rank, minlength=len(first_seen))
+    lengths = np.bincount(users, minlength=len(raw.user_ids))
     short = (lengths > 0) & (lengths < min_sequence)
     if short.any():
-        first = int(np.argmax(short[user_rank]))
+        first = int(np.argmax(short[users]))
         notes.append(f"dropped {int(short.sum())} users with fewer than {min_sequence} interactions, e.g. "
                      f"{example(first)}")
-        keep = ~short[user_rank]
-        users, raw_items, rows, user_rank, items = (a[keep] for a in (users, raw_items, rows, user_rank, items))
+        keep = ~short[users]
+        users, raw_items, rows, items = (a[keep] for a in (users, raw_items, rows, items))
     if not len(items):
         raise DataError(f"{raw.name}: no user has {min_sequence} or more interactions after filtering")
 
@@ -132,16 +131,23 @@ def build(raw: RawData, user_core: int = 0, item_core: int = 0, min_sequence: in
     if renamed:
         notes.append(f"{renamed} items shared a title with an earlier item and got a ' (n)' suffix")
     new_index = np.cumsum(used, dtype=np.int64) - 1
-    kept_users, starts = np.unique(user_rank, return_index=True)  # user_rank is sorted: runs of one user
+    starts = _run_starts(users)
+    sequences = np.split(new_index[items].astype(np.int32), starts[1:])
+    user_order = np.argsort(first_seen[users[starts]], kind="stable")
     return Dataset(
         name=raw.name,
         titles=titles,
         item_categories=[raw.items[i][1] for i in item_names],
-        sequences=np.split(new_index[items].astype(np.int32), starts[1:]),
-        user_names=[raw.user_ids[u] for u in users[starts]],
+        sequences=[sequences[k] for k in user_order],
+        user_names=[raw.user_ids[users[starts[k]]] for k in user_order],
         item_names=item_names,
         notes=notes,
     )
+
+
+def _run_starts(sorted_codes: np.ndarray) -> np.ndarray:
+    """Where each run of equal values starts in a sorted array."""
+    return np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
 
 
 def unique_titles(titles: list[str]) -> tuple[list[str], int]:
@@ -167,8 +173,11 @@ def unique_titles(titles: list[str]) -> tuple[list[str], int]:
 def _k_core(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, user_core: int,
            item_core: int, notes: list[str]) -> np.ndarray:
     """The mask of interactions kept by iterated k-core filtering: drop rare items, then short users, repeat."""
+    def distinct(codes: np.ndarray, size: int) -> int:
+        return int(np.count_nonzero(np.bincount(codes, minlength=size)))
+
     keep = np.ones(len(items), dtype=bool)
-    users_before, items_before = len(np.unique(users)), len(np.unique(items))
+    users_before, items_before = distinct(users, num_users), distinct(items, num_items)
     rounds = 0
     while True:
         rounds += 1
@@ -180,7 +189,7 @@ def _k_core(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int
             break
         keep = kept
     notes.append(
-        f"{user_core}-core users / {item_core}-core items ({rounds} rounds): kept {len(np.unique(users[keep]))} of "
-        f"{users_before} users and {len(np.unique(items[keep]))} of {items_before} items"
+        f"{user_core}-core users / {item_core}-core items ({rounds} rounds): kept {distinct(users[keep], num_users)} "
+        f"of {users_before} users and {distinct(items[keep], num_items)} of {items_before} items"
     )
     return keep

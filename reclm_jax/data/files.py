@@ -127,7 +127,7 @@ def read_files(cfg: DataConfig, sources: Sources) -> RawData:
     rows = np.arange(1, table.num_rows + 1, dtype=np.int64)
 
     missing = _missing(table[cols["user"]]) | _missing(table[cols["item"]])
-    if missing.any():
+    if missing.any():  # a blank id is nobody's: counted and left out
         k = int(np.argmax(missing))
         notes.append(f"{inter.path.name}: dropped {int(missing.sum())} rows without a user or item id, e.g. row "
                      f"{rows[k]} ({cols['user']}={table[cols['user']][k].as_py()!r}, "
@@ -247,19 +247,18 @@ def _category_parser(table: Table, cfg: DataConfig, col: str, values: pa.Chunked
 
 
 def _missing(col: pa.ChunkedArray) -> np.ndarray:
-    """True where an id cell is null or blank."""
+    """True where a cell is null or an empty string (CSV readers give null for an empty field already)."""
+    missing = pc.is_null(col)
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        blank = pc.or_(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
-        return pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
-    return pc.is_null(col).to_numpy(zero_copy_only=False)
+        missing = pc.or_kleene(missing, pc.equal(col, ""))
+    return missing.to_numpy(zero_copy_only=False)
 
 
 def _encode_ids(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-    """Ids as codes and their spellings; whole floats (ids through pandas with NaNs) lose their ".0"."""
+    """Ids as codes and their spellings (compared exactly); whole floats (ids that went through pandas with
+    NaNs) lose their ".0"."""
     if pa.types.is_floating(col.type) and pc.all(pc.equal(col, pc.floor(col))).as_py():
         col = pc.cast(col, pa.int64())
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        col = pc.utf8_trim_whitespace(col)
     codes, vocab = encode(col)
     return codes, [str(v) for v in vocab]
 
