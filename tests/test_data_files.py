@@ -312,3 +312,20 @@ def test_cli_one_line_errors_on_bad_files(tmp_path, capsys):
     assert main(["data", "stats", "--dataset", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "inter.parquet: not a Parquet file" in err
+
+
+def test_data_section_of_a_config(tmp_path):
+    """The `data:` section as YAML and as dotted overrides, as every stage's config reads it."""
+    from reclm_jax import config
+
+    d = tmp_path / "shop"
+    write(d / "log.csv", "who,what,when\nann,i1,3\nann,i2,1\nann,i3,2\n")
+    write(d / "catalogue.csv", "what,label,kinds\ni1,One,a;b\ni2,Two,b\ni3,Three,a\n")
+    yaml_file = write(tmp_path / "data.yaml", f"name: {d}\ncolumns: {{user: who, item: what, time: when}}\n"
+                      "category_sep: ';'\n")
+    cfg = config.load(DataConfig, yaml_file, ["columns.title=label", "columns.categories=kinds", "cache=false"])
+    assert cfg.columns == Columns(user="who", item="what", time="when", title="label", categories="kinds")
+    ds = load_dataset(cfg)
+    assert ds.item_categories[0] == ("a", "b") and ds.num_interactions == 3
+    with pytest.raises(config.ConfigError, match=r"unknown config key 'columns.usr'"):
+        config.load(DataConfig, None, ["columns.usr=who"])

@@ -4,7 +4,7 @@ whole pipeline on it, with the smallest real model (the tiny Llama-vocabulary GG
 import json
 
 import pytest
-from own_data import write_bookshop
+from own_data import bookshop, write_bookshop
 
 from reclm_jax import assets
 from reclm_jax.cli import main
@@ -27,6 +27,10 @@ def test_own_files_through_stats_teacher_and_pipeline(tmp_path, monkeypatch, cap
     assert main(["teacher", "train", "--dataset", str(shop), "--out", str(Layout(out).teacher), "--quiet",
                  "--config", "configs/teacher/paper.yaml", *teacher]) == 0
     capsys.readouterr()
+    assert main(["data", "preview", "--dataset", str(shop), "--teacher", str(Layout(out).teacher), "--task",
+                 "control", "-n", "1"]) == 0
+    titles = {t for _, t, _ in bookshop()[1]}
+    assert "[control]" in (text := capsys.readouterr().out) and any(f"'{t}'" in text for t in titles)
     overrides = [
         f"out_dir={out}", f"data.name={shop}",
         f"sft.model.base={gguf}", f"sft.model.tokenizer={gguf}",

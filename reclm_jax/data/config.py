@@ -20,7 +20,7 @@ class Columns:
     user: str | None = None
     item: str | None = None  # the item id, in the interactions and in the items table
     time: str | None = None  # integers/floats (any unit) or ISO 8601 dates and times
-    rating: str | None = None  # optional; read for `data stats`, not used to filter
+    rating: str | None = None  # optional; read only for `min_rating`
     title: str | None = None
     categories: str | None = None  # a list column, or a string split by `category_sep`
 
@@ -48,7 +48,7 @@ class DataConfig:
     cache: bool = True  # keep the processed dataset in the user cache
     # your own files only:
     columns: Columns = field(default_factory=Columns)
-    category_sep: str | None = None  # None: "|" or ";" or " > " if the values hold one, else one category each
+    category_sep: str | None = None  # None: the first of | ; > , that the values hold (else one category each)
     category_path: bool | None = None  # categories are a root-to-leaf path (every prefix is a category);
     # None: when the separator is ">" or "/"
     min_rating: float | None = None  # drop interactions rated below this (needs a rating column)
