@@ -33,19 +33,23 @@ from reclm_jax.data import DataConfig, load_dataset
 from reclm_jax.data.build import build
 from reclm_jax.data.files import locate, read_files
 cfg = DataConfig(name=sys.argv[1], meta=sys.argv[2], user_core=5, item_core=5, cache=sys.argv[3] == "cache")
-t1 = time.perf_counter()
+def clock():
+    return time.perf_counter(), time.process_time()
+def since(a, b):
+    return [b[0] - a[0], b[1] - a[1]]  # [wall, CPU of all threads]
+t1 = clock()
 if sys.argv[3] == "cache":
     ds = load_dataset(cfg)
-    phases = {"cached load": time.perf_counter() - t1}
+    phases = {"cached load": since(t1, clock())}
 else:
     src = locate(cfg)
     raw = read_files(cfg, src)
-    t2 = time.perf_counter()
+    t2 = clock()
     ds = build(raw, *cfg.cores, min_sequence=cfg.min_sequence)
-    t3 = time.perf_counter()
+    t3 = clock()
     ds.save(sys.argv[4])
-    t4 = time.perf_counter()
-    phases = {"read": t2 - t1, "build": t3 - t2, "save": t4 - t3}
+    t4 = clock()
+    phases = {"read": since(t1, t2), "build": since(t2, t3), "save": since(t3, t4), "total": since(t1, t4)}
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 print(json.dumps({"phases": phases, "peak_gib": peak, "stats": ds.stats(), "notes": ds.notes}))
 """
@@ -103,17 +107,18 @@ def main() -> None:
         csv, parquet, meta = generate(tmp, args.interactions)
         print(f"generated {args.interactions:,} interactions in {time.perf_counter() - start:.0f} s: "
               f"{csv.stat().st_size / 2**20:.0f} MiB CSV, {parquet.stat().st_size / 2**20:.0f} MiB Parquet")
-        print("| format | read (s) | build (s) | save (s) | child wall incl. imports (s) | peak RSS (GiB) | cached "
-              "load (s) |")
-        print("|---|---|---|---|---|---|---|")
+        print("wall / CPU seconds (CPU: all threads of the process)")
+        print("| format | read | build | save | load + build total | child wall incl. Python start | peak RSS (GiB) "
+              "| cached load |")
+        print("|---|---|---|---|---|---|---|---|")
         for fmt in args.formats.split(","):
             path = parquet if fmt == "parquet" else csv
             result, wall = run_child([str(path), str(meta), "nocache", str(tmp / f"{fmt}.npz")], tmp / "cache")
             run_child([str(path), str(meta), "cache", ""], tmp / "cache")  # builds and writes the cache
             cached, _ = run_child([str(path), str(meta), "cache", ""], tmp / "cache")  # served from it
-            p = result["phases"]
-            print(f"| {fmt} | {p['read']:.1f} | {p['build']:.1f} | {p['save']:.1f} | {wall:.1f} | "
-                  f"{result['peak_gib']:.2f} | {cached['phases']['cached load']:.1f} |", flush=True)
+            p = {k: f"{w:.1f} / {c:.1f}" for k, (w, c) in (result["phases"] | cached["phases"]).items()}
+            print(f"| {fmt} | {p['read']} | {p['build']} | {p['save']} | {p['total']} | {wall:.1f} | "
+                  f"{result['peak_gib']:.2f} | {p['cached load']} |", flush=True)
         print("stats:", json.dumps(result["stats"]))
         for note in result["notes"]:
             print("note:", note)
