@@ -295,7 +295,7 @@ def test_directory_errors(tmp_path):
     assert load(tmp_path / "two" / "more.csv", meta=str(tmp_path / "two" / "items.csv")).num_users == 48
 
 
-def test_truncated_gzip_table(tmp_path):
+def test_truncated_tables(tmp_path):
     write_bookshop(tmp_path, "csv")
     data = gzip.compress((tmp_path / "interactions.csv").read_bytes())
     (tmp_path / "interactions.csv").unlink()
@@ -304,6 +304,11 @@ def test_truncated_gzip_table(tmp_path):
         load(tmp_path)
     (tmp_path / "interactions.csv.gz").write_bytes(data)
     assert load(tmp_path).num_users == 48
+    write_bookshop(tmp_path / "pq", "parquet")
+    data = (tmp_path / "pq" / "items.parquet").read_bytes()
+    (tmp_path / "pq" / "items.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"items.parquet: "):
+        load(tmp_path / "pq")
 
 
 def test_cli_one_line_errors_on_bad_files(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -90,12 +91,19 @@ class Table:
             raise DataError(f"{name}: its header fields need RecBole's name:type form (e.g. user_id:token), "
                             f"got {first_line[:80]!r}")
 
-    def _head(self, size: int = 4096) -> bytes:
+    @contextmanager
+    def _named_errors(self):
+        """Arrow's and the OS's errors, as one line naming the file."""
         try:
-            with self._stream() as s:
-                return s.read(size)
-        except (OSError, pa.ArrowException) as e:
+            yield
+        except OSError as e:  # before ArrowException: Arrow's IO errors are both
             raise DataError(f"{self.path}: cannot read it ({e}); a truncated or corrupt download?") from None
+        except pa.ArrowException as e:
+            raise DataError(f"{self.path}: {e}") from None
+
+    def _head(self, size: int = 4096) -> bytes:
+        with self._named_errors(), self._stream() as s:
+            return s.read(size)
 
     @property
     def _parse_options(self) -> pcsv.ParseOptions:
@@ -107,18 +115,15 @@ class Table:
     @cached_property
     def _header(self) -> list[str]:
         """The raw header fields of a text table (with RecBole's `:type` suffixes)."""
-        try:
+        with self._named_errors():
             return pcsv.open_csv(self._stream(), parse_options=self._parse_options,
                                  read_options=pcsv.ReadOptions(block_size=1 << 20)).schema.names
-        except pa.ArrowException as e:
-            raise DataError(f"{self.path}: {e}") from None
-        except OSError as e:
-            raise DataError(f"{self.path}: cannot read it ({e}); a truncated or corrupt download?") from None
 
     @cached_property
     def names(self) -> list[str]:
         if self.format == "parquet":
-            return pq.ParquetFile(self.path).schema_arrow.names
+            with self._named_errors():
+                return pq.ParquetFile(self.path).schema_arrow.names
         if self.format == "json":
             return self._json.column_names
         return [h.split(":", 1)[0] for h in self._header] if self.format == "atomic" else list(self._header)
@@ -133,16 +138,12 @@ class Table:
     # ---- reading ---------------------------------------------------------------------------------------
     def read(self, columns: list[str]) -> pa.Table:
         """The named columns (which must exist), in the file's row order."""
-        try:
+        if self.format == "json":
+            return self._json.select(columns)
+        with self._named_errors():
             if self.format == "parquet":
                 return pq.read_table(self.path, columns=columns)
-            if self.format == "json":
-                return self._json.select(columns)
             return self._read_text(columns)
-        except pa.ArrowException as e:
-            raise DataError(f"{self.path}: {e}") from None
-        except OSError as e:
-            raise DataError(f"{self.path}: cannot read it ({e}); a truncated or corrupt download?") from None
 
     def _read_text(self, columns: list[str]) -> pa.Table:
         read = pcsv.ReadOptions(column_names=self.names, skip_rows=1, block_size=16 << 20) if self.format == "atomic" \
@@ -153,12 +154,11 @@ class Table:
 
     @cached_property
     def _json(self) -> pa.Table:
-        try:
-            return pjson.read_json(self._stream())
-        except pa.ArrowInvalid as e:
-            raise DataError(self._explain_json_error(str(e))) from None
-        except OSError as e:
-            raise DataError(f"{self.path}: cannot read it ({e}); a truncated or corrupt download?") from None
+        with self._named_errors():
+            try:
+                return pjson.read_json(self._stream())
+            except pa.ArrowInvalid as e:
+                raise DataError(self._explain_json_error(str(e))) from None
 
     def _explain_json_error(self, message: str) -> str:
         """Arrow names the column whose type changed but not the line; find the first line that differs."""
