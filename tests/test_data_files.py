@@ -204,6 +204,11 @@ def test_mixed_id_types(tmp_path):
     with pytest.raises(DataError, match=r"inter.jsonl: column 'user_id' mixes strings and numbers \(line 1: 'a'; "
                        r"line 3: 17\)"):
         load(tmp_path / "inter.jsonl", meta=str(write(tmp_path / "items.csv", ITEMS_CSV)))
+    with open(tmp_path / "lists.jsonl", "w") as f:
+        f.write(json.dumps({"user_id": ["a"], "item_id": "i1", "timestamp": 1}) + "\n")
+    with pytest.raises(DataError, match=r"lists.jsonl: column 'user_id' holds list<item: string> values \(e.g. row 1: "
+                       r"\['a'\]\), not ids"):
+        load(tmp_path / "lists.jsonl", meta=str(tmp_path / "items.csv"))
     # ids typed differently in the two files still join when they spell the same (7 and "7")
     pq.write_table(pa.table({"user": [1, 1, 1, 1], "item": [7, 8, 9, 10], "time": [1, 2, 3, 4]}), tmp_path / "i.parquet")
     write(tmp_path / "m.csv", "item,title,genre\n007,Bond,Spy\n8,Eight,x\n9,Nine,y\n10,Ten,y\n")

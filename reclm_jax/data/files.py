@@ -123,6 +123,8 @@ def read_files(cfg: DataConfig, sources: Sources) -> RawData:
                             "title=COLUMN")
         cols |= {role: require_column(inter, role, cfg) for role in ("title", "categories")}
     table = inter.read(list(dict.fromkeys(cols.values())))
+    for role in ("user", "item"):
+        _check_id_type(table[cols[role]], inter, cols[role])
     notes: list[str] = []
     rows = np.arange(1, table.num_rows + 1, dtype=np.int64)
 
@@ -174,6 +176,7 @@ def read_items(table: Table, cfg: DataConfig, notes: list[str]) -> dict[str, tup
         notes.append(f"{table.path.name}: {int(missing.sum())} rows have no {cols['item']!r}, e.g. row "
                      f"{rows[np.argmax(missing)]}; they are left out")
         data, rows = data.filter(pa.array(~missing)), rows[~missing]
+    _check_id_type(data[cols["item"]], table, cols["item"])
     codes, ids = _encode_ids(data[cols["item"]])
     return _catalogue(table, cfg, cols, data, rows, notes, ids=[ids[c] for c in codes])
 
@@ -252,6 +255,13 @@ def _missing(col: pa.ChunkedArray) -> np.ndarray:
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         missing = pc.or_kleene(missing, pc.equal(col, ""))
     return missing.to_numpy(zero_copy_only=False)
+
+
+def _check_id_type(col: pa.ChunkedArray, table: Table, name: str) -> None:
+    t = col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
+        raise DataError(f"{table.path}: column {name!r} holds {t} values (e.g. row 1: {col[0].as_py()!r}), not ids; "
+                        "ids are strings or numbers")
 
 
 def _encode_ids(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
