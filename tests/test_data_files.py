@@ -82,6 +82,10 @@ def test_unusual_column_names_need_a_short_mapping(tmp_path, capsys):
     with pytest.raises(DataError, match=r"log.csv: no column 'uid' \(data.columns.user\); its columns are "
                        r"\['who', 'what', 'when'\]"):
         load(d / "log.csv", meta=str(d / "catalogue.csv"), columns=Columns(user="uid", item="what"))
+    # a configured name is never silently replaced by a detected one
+    write(tmp_path / "e" / "log.csv", "user_id,item_id,timestamp\nann,i1,1\n")
+    with pytest.raises(DataError, match=r"log.csv: no column 'customer' \(data.columns.user\)"):
+        load(tmp_path / "e" / "log.csv", meta=str(d / "catalogue.csv"), columns=Columns(user="customer"))
 
 
 def test_times_as_numbers_dates_and_offsets(tmp_path):

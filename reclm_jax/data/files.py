@@ -51,10 +51,11 @@ def _norm(name: str) -> str:
 
 
 def find_column(table: Table, role: str, cfg: DataConfig) -> str | None:
-    """The column playing `role` in `table`: the configured name if the table has it, else a known name."""
+    """The column playing `role` in `table`: the configured name, else a known one. A configured item column
+    missing from a table may be named differently there (interactions vs items), so it falls back too."""
     explicit = getattr(cfg.columns, role)
-    if explicit is not None and explicit in table.names:
-        return explicit
+    if explicit is not None and (explicit in table.names or role != "item"):
+        return explicit if explicit in table.names else None
     by_norm = {}
     for name in table.names:
         by_norm.setdefault(_norm(name), name)
