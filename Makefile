@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,16 @@ demo: install
 	$(BIN)/reclm-jax data stats --dataset ml-100k
 	$(BIN)/reclm-jax pipeline --config configs/pipeline/demo.yaml
 
-test: install
+# lint-imports checks the layering contract in pyproject.toml ([tool.importlinter]) before any test runs.
+lint: install
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow (subprocess meshes, real weights end to end).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

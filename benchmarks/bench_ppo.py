@@ -57,11 +57,11 @@ def main() -> None:
     else:
         teacher = random_teacher(load_dataset(cfg.data).num_items)
     trainer, stream = build(cfg, teacher=teacher)
-    rows = []
+    rows, state = [], trainer.state
     for step in range(args.warmup + args.steps):
-        prompts = stream.take(cfg.rollout.prompts_per_step)
+        prompts = next(stream)
         t, c = time.perf_counter(), time.process_time()
-        metrics = trainer.step(prompts, step)
+        state, metrics = trainer.step(state, prompts)
         metrics["time/step_s"], metrics["cpu/step_s"] = time.perf_counter() - t, time.process_time() - c
         if step >= args.warmup:
             rows.append(metrics)

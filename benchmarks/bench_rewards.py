@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from reclm_jax import assets
-from reclm_jax.eval.controls import Control
+from reclm_jax.core.controls import Control
 from reclm_jax.eval.metrics import evaluate_batch
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.rl.rewards import batch_rewards, sample_rewards

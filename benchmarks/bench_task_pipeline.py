@@ -15,12 +15,12 @@ import numpy as np
 from flax import nnx
 
 from reclm_jax.data import load_dataset
-from reclm_jax.llm.tokenizer import load_tokenizer, stop_token_ids
+from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.evaluation import build_eval_set
-from reclm_jax.tasks.pipeline import sft_batches
+from reclm_jax.tasks.batches import sft_batches
 from reclm_jax.tasks.samples import TaskContext
-from reclm_jax.tasks.tokenize import display_titles, encode_samples
+from reclm_jax.tasks.encode import display_titles, encode_samples
 from reclm_jax.tasks.training import training_samples
 from reclm_jax.teacher.config import ModelConfig, TeacherConfig
 from reclm_jax.teacher.query import Teacher, build_model
@@ -41,7 +41,7 @@ def main() -> None:
     tcfg = TeacherConfig(model=ModelConfig(max_len=10, width=128, num_heads=2, ffn_dim=256, activation="gelu"))
     _, state = nnx.split(build_model(tcfg, ds.num_items))
     teacher = Teacher(tcfg, ds.num_items, nnx.to_pure_dict(state))
-    tok = load_tokenizer(args.tokenizer)
+    tok = ChatPolicy.load(args.tokenizer)
     cfg = TaskConfig(sharegpt_ratio=0.0, batch_size=64, num_epochs=1)
     titles, wall, cpu = timed(lambda: display_titles(ds.titles, tok, cfg.max_title_tokens))
     rows = [("display_titles (cut to 64 tokens)", f"{ds.num_items} titles", wall, cpu)]
@@ -52,13 +52,12 @@ def main() -> None:
     ev, wall, cpu = timed(lambda: build_eval_set(ctx, "test"))
     rows.append(("build_eval_set test (9 tasks)", f"{sum(map(len, ev.tasks.values()))} samples", wall, cpu))
     sub = samples[:2000]
-    stop = frozenset(stop_token_ids(tok))
-    enc, wall, cpu = timed(lambda: [encode_samples([s], tok, cfg.max_length, cfg.max_response_tokens, stop)[0]
+    enc, wall, cpu = timed(lambda: [encode_samples([s], tok, cfg.max_length, cfg.max_response_tokens)[0]
                                     for s in sub])
     rows.append((f"encode one sample at a time ({args.tokenizer} chat template)", f"{len(sub)} samples", wall, cpu))
     batched, wall, cpu = timed(lambda: [e for i in range(0, len(sub), 64)
                                         for e in encode_samples(sub[i:i + 64], tok, cfg.max_length,
-                                                                cfg.max_response_tokens, stop)])
+                                                                cfg.max_response_tokens)])
     rows.append(("encode 64 samples per call (batched Rust tokenizer)", f"{len(sub)} samples", wall, cpu))
     assert all((a["tokens"] == b["tokens"]).all() for a, b in zip(enc, batched))
     lengths = np.array([len(e["tokens"]) for e in enc])

@@ -18,6 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from reclm_jax.core.errors import AssetError
+
 
 @dataclass(frozen=True)
 class Asset:
@@ -59,10 +61,6 @@ ASSETS: dict[str, Asset] = {
         sdist=True,
     ),
 }
-
-
-class AssetError(RuntimeError):
-    """An asset could not be fetched or is not what we expected."""
 
 
 def cache_dir() -> Path:

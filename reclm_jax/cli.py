@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# Stage modules in pipeline order; each defines `register(subparsers)`. Heavy imports (jax, torch) happen
-# inside the command handlers so that `reclm-jax --help` stays fast.
-STAGES = (
-    "reclm_jax.data.cli",
-    "reclm_jax.teacher.cli",
-    "reclm_jax.llm.cli",
-    "reclm_jax.sft.cli",
-    "reclm_jax.rl.cli",
-    "reclm_jax.eval.cli",
-    "reclm_jax.pipeline_cli",
-)
+from reclm_jax import pipeline_cli
+from reclm_jax.core.errors import UserError
+from reclm_jax.data import cli as data_cli
+from reclm_jax.eval import cli as eval_cli
+from reclm_jax.llm import cli as llm_cli
+from reclm_jax.rl import cli as rl_cli
+from reclm_jax.sft import cli as sft_cli
+from reclm_jax.teacher import cli as teacher_cli
 
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one clear line, no traceback."""
+STAGES = (data_cli, teacher_cli, llm_cli, sft_cli, rl_cli, eval_cli, pipeline_cli)  # in pipeline order
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,20 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
         "instruction tuning, PPO and evaluation.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name in STAGES:
-        importlib.import_module(name).register(sub)
+    for stage in STAGES:
+        stage.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reclm_jax.assets import AssetError
-    from reclm_jax.config import ConfigError
-    from reclm_jax.data.schema import DataError
-
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `key=value` overrides may follow options too (`sft --quiet a.b=1`): argparse takes positionals in one run
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # the usual error, with the sub-command's usage line
     try:
         return args.handler(args) or 0
-    except (UserError, ConfigError, DataError, AssetError) as e:
+    except UserError as e:
         print(f"reclm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

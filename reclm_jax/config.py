@@ -15,11 +15,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from reclm_jax.core.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong type."""
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
@@ -38,12 +36,15 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequenc
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    if not overrides:
+        return from_dict(cls, raw, source)
+    from_dict(cls, raw, source)  # the file alone must be valid: what fails from here on is an override's fault
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.subkey=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
-    return from_dict(cls, raw, source)
+    return from_dict(cls, raw, "the command line" if path is None else f"the command line (over {path})")
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
@@ -56,6 +57,13 @@ def from_dict(cls: type[T], raw: dict[str, Any], source: str = "<dict>", prefix:
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{source}: unknown config key {name!r} (known here: {known})")
+        field = fields[key]
+        if field.default_factory is not dataclasses.MISSING and isinstance(value, dict):
+            # A section given in part keeps the other values of its field's default (PPO's `checkpoint`
+            # keeps its keep_last=2 when a file sets only `every`), not those of the section's class.
+            default = field.default_factory()
+            if dataclasses.is_dataclass(default):
+                value = _merge(to_dict(default), value)
         kwargs[key] = _coerce(hints[key], value, source, name)
     try:
         return cls(**kwargs)
@@ -70,6 +78,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -13,11 +13,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import jax
+
+from reclm_jax import config as config_lib
+from reclm_jax.core.errors import ConfigError
 from reclm_jax.data.config import DataConfig
-from reclm_jax.eval.evaluate import GenerationSettings
+from reclm_jax.data.load import load_dataset
+from reclm_jax.eval.evaluate import GenerationSettings, ModelRun, run_evaluation
+from reclm_jax.llm import hf_io
+from reclm_jax.llm.tokenizer import load_tokenizer
 from reclm_jax.rl.config import PPOConfig
+from reclm_jax.rl.trainer import run as run_ppo
 from reclm_jax.sft.config import SFTConfig
+from reclm_jax.sft.trainer import run as run_sft
 from reclm_jax.teacher.config import TeacherConfig
+from reclm_jax.teacher.query import Teacher
+from reclm_jax.teacher.train import train_teacher
 
 STAGES = ("teacher", "sft", "ppo", "evaluate", "export")
 
@@ -76,8 +87,26 @@ class Layout:
 
 
 def stage_configs(cfg: PipelineConfig) -> tuple[SFTConfig, PPOConfig]:
-    """The SFT and PPO configs with the pipeline's paths and dataset filled in."""
+    """The SFT and PPO configs with the paths and dataset that connect the stages derived from the pipeline's
+    `out_dir` and `data`. A connecting field the user set in a stage section to something else is an error
+    (it would be ignored), never silently replaced."""
     lay = Layout(cfg.out_dir)
+    derived = {
+        "sft.out_dir": str(lay.sft), "sft.teacher": str(lay.teacher), "sft.data": cfg.data,
+        "ppo.out_dir": str(lay.ppo), "ppo.teacher": str(lay.teacher), "ppo.data": cfg.data,
+        "ppo.model.base": cfg.sft.model.base, "ppo.model.tokenizer": cfg.sft.model.tokenizer,
+        "ppo.model.random_init": cfg.sft.model.random_init, "ppo.model.sft_adapter": str(lay.sft_adapter),
+    }
+    defaults = {"sft": SFTConfig(), "ppo": PPOConfig()}
+    for key, value in derived.items():
+        stage, *path = key.split(".")
+        given, default = getattr(cfg, stage), defaults[stage]
+        for name in path:
+            given, default = getattr(given, name), getattr(default, name)
+        if given != default and given != value:
+            source = "data" if path == ["data"] else "out_dir" if path[-1] in ("out_dir", "teacher", "sft_adapter") else f"sft.model.{path[-1]}"
+            raise ConfigError(f"{key} is derived by the pipeline (from {source}: {value}); remove it from the "
+                              f"{stage} section")
     sft = replace(cfg.sft, out_dir=str(lay.sft), teacher=str(lay.teacher), data=cfg.data)
     ppo = replace(
         cfg.ppo,
@@ -85,16 +114,13 @@ def stage_configs(cfg: PipelineConfig) -> tuple[SFTConfig, PPOConfig]:
         teacher=str(lay.teacher),
         data=cfg.data,
         model=replace(cfg.ppo.model, base=cfg.sft.model.base, tokenizer=cfg.sft.model.tokenizer,
-                      sft_adapter=str(lay.sft_adapter)),
+                      random_init=cfg.sft.model.random_init, sft_adapter=str(lay.sft_adapter)),
     )
     return sft, ppo
 
 
 def run(cfg: PipelineConfig, *, progress: bool = True) -> Path:
     """Run the configured stages; returns the folder holding the evaluation tables."""
-    from reclm_jax import config as config_lib
-    from reclm_jax.data.load import load_dataset
-
     lay = Layout(cfg.out_dir)
     lay.root.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, lay.root / "pipeline.yaml")
@@ -109,16 +135,10 @@ def run(cfg: PipelineConfig, *, progress: bool = True) -> Path:
         _say(f"[{stage}] ...")
         start = time.perf_counter()
         if stage == "teacher":
-            from reclm_jax.teacher.train import train_teacher
-
             train_teacher(dataset, cfg.teacher, lay.teacher, progress=progress)
         elif stage == "sft":
-            from reclm_jax.sft.trainer import run as run_sft
-
             run_sft(sft_cfg, progress=progress)
         elif stage == "ppo":
-            from reclm_jax.rl.trainer import run as run_ppo
-
             run_ppo(ppo_cfg, progress=progress)
         elif stage == "evaluate":
             _evaluate(cfg, lay, dataset, sft_cfg, progress)
@@ -129,9 +149,6 @@ def run(cfg: PipelineConfig, *, progress: bool = True) -> Path:
 
 
 def _evaluate(cfg: PipelineConfig, lay: Layout, dataset, sft_cfg: SFTConfig, progress: bool) -> None:
-    from reclm_jax.eval.evaluate import ModelRun, run_evaluation
-    from reclm_jax.teacher.query import Teacher
-
     base, tok = sft_cfg.model.base, sft_cfg.model.tokenizer
     runs = [ModelRun(f"{base} (zero-shot)", base, (), tok)]
     if lay.done("sft"):
@@ -147,11 +164,6 @@ def _evaluate(cfg: PipelineConfig, lay: Layout, dataset, sft_cfg: SFTConfig, pro
 
 def _export(cfg: PipelineConfig, lay: Layout, sft_cfg: SFTConfig) -> None:
     """The final model (base + SFT + PPO adapters, merged) as a Hugging Face directory for vLLM."""
-    import jax
-
-    from reclm_jax.llm import hf_io
-    from reclm_jax.llm.tokenizer import load_tokenizer
-
     adapters = [a for a in (lay.sft_adapter, lay.ppo_adapter) if (a / "adapter_config.json").is_file()]
     model_cfg, params = hf_io.load_merged(sft_cfg.model.base, adapters)
     hf_io.save_hf_dir(lay.export, jax.device_get(params), model_cfg, tokenizer=load_tokenizer(sft_cfg.model.tokenizer))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from reclm_jax import config as config_lib
+from reclm_jax.pipeline import PipelineConfig, run
+
 
 def register(sub) -> None:
     p = sub.add_parser("pipeline", help="dataset -> teacher -> SFT -> PPO -> evaluation -> export, resumable")
@@ -14,9 +17,6 @@ def register(sub) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from reclm_jax import config as config_lib
-    from reclm_jax.pipeline import PipelineConfig, run
-
     cfg = config_lib.load(PipelineConfig, args.config, args.overrides)
     tables = run(cfg, progress=not args.quiet)
     print(f"tables: {tables / 'tables.md'} (also .csv, .json and .png there); everything else under {cfg.out_dir}")

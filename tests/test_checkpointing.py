@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reclm_jax.checkpointing import Checkpointer, abstract
+from reclm_jax.training.checkpoints import Checkpointer, abstract
 
 
 def batches():
@@ -70,7 +70,7 @@ def test_restore_without_checkpoint_names_the_directory(tmp_path):
 
 SAVE_FOREVER = textwrap.dedent("""
     import sys, jax.numpy as jnp
-    from reclm_jax.checkpointing import Checkpointer
+    from reclm_jax.training.checkpoints import Checkpointer
     ckpt = Checkpointer(sys.argv[1], keep_last=2)
     big = jnp.arange(4_000_000, dtype=jnp.float32)  # 16 MB, so that a save takes a while
     step = 0
@@ -81,6 +81,7 @@ SAVE_FOREVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_leaves_a_restorable_latest_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -47,3 +47,36 @@ def test_errors_name_the_key(tmp_path):
         load(Run, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"steps must be int, got True"):
         load(Run, None, ["steps=true"])
+
+
+def test_a_bad_override_is_blamed_on_the_command_line_and_named_by_the_users_key(tmp_path):
+    from reclm_jax.sft.config import SFTConfig
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("lora:\n  alpha: 4.0\ncheckpoint:\n  every: 7\n")
+    with pytest.raises(ConfigError, match=r"^the command line \(over .*sft.yaml\): lora: rank must be positive, got 0"):
+        load(SFTConfig, path, ["lora.rank=0"])
+    path.write_text("lora:\n  rank: 0\n")
+    with pytest.raises(ConfigError, match=r"^.*sft.yaml: lora: rank must be positive"):
+        load(SFTConfig, path, ["train.steps=3"])
+
+
+def test_a_section_given_in_part_keeps_its_fields_stage_defaults(tmp_path):
+    from reclm_jax.rl.config import PPOConfig
+    from reclm_jax.sft.config import SFTConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint:\n  every: 7\nactor_lora:\n  rank: 8\n")
+    ppo = load(PPOConfig, path)
+    assert (ppo.checkpoint.every, ppo.checkpoint.keep_last) == (7, 2)  # PPO keeps 2, not the class's 3
+    assert (ppo.actor_lora.rank, ppo.actor_lora.alpha, ppo.actor_lora.dropout) == (8, 2.0, 0.0)
+    assert load(SFTConfig, None, ["checkpoint.every=5"]).checkpoint.best_metric == "seqrec/NDCG@K"
+
+
+def test_overrides_may_follow_options(capsys):
+    from reclm_jax.cli import build_parser, main
+
+    assert main(["sft", "--quiet", "bogus.key=1"]) == 2  # taken as an override: the config names the key
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
+    args, extra = build_parser().parse_known_args(["sft", "a.b=1", "--quiet", "c=2"])
+    assert (args.overrides, extra, args.quiet) == (["a.b=1"], ["c=2"], True)

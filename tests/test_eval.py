@@ -13,7 +13,8 @@ from reclm_jax.data.schema import Dataset
 from reclm_jax.eval import evaluate as E
 from reclm_jax.eval import tables as T
 from reclm_jax.eval.cli import history_items, recommendation_lines, recommendation_prompt, register
-from reclm_jax.eval.controls import Control
+from reclm_jax.core.controls import Control
+from reclm_jax.core.errors import UserError
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.eval.plots import LogError, panels, plot_log, read_log
 from reclm_jax.tasks.config import TaskConfig
@@ -325,7 +326,6 @@ def test_recommendation_lines_mark_unknown_history_and_repeats():
 
 
 def test_recommend_history_and_prompt():
-    from reclm_jax.cli import UserError
 
     cat_ = Catalogue(TITLES, "lenient")  # as `recommend` matches the typed history
     assert history_items(["Heat (1995)", "  fargo (1996)"], cat_) == [1, 4]
@@ -371,7 +371,6 @@ def test_training_curves(tmp_path):
     (tmp_path / "none.jsonl").write_text('{"step": 1, "lr": 1}\n')
     with pytest.raises(LogError, match="no loss, reward"):
         plot_log(tmp_path / "none.jsonl", tmp_path / "none.png")
-    from reclm_jax.cli import UserError
 
     with pytest.raises(UserError, match="missing.jsonl does not exist"):
         run_cli(["plot", "--log", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])

@@ -201,7 +201,7 @@ def test_export_with_tokenizer_and_cli(tmp_path, capsys):
     """`reclm-jax export`: a merged directory with the tokenizer's files, and a PEFT adapter directory."""
     import argparse
 
-    from reclm_jax.cli import UserError
+    from reclm_jax.core.errors import UserError
     from reclm_jax.llm import cli
 
     cfg = UNTIED.replace(vocab_size=32000)  # the Llama-2 tokenizer's vocabulary

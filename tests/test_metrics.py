@@ -5,16 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reclm_jax.eval.controls import Control
-from reclm_jax.eval.metrics import (
-    METRICS,
-    Bootstrap,
-    aggregate,
+from reference_metrics import (
     c1_pa,
     correct_count,
     cpa,
-    estimate,
-    evaluate_batch,
     evaluate_sample,
     hit_at_k,
     in_history_at_k,
@@ -24,6 +18,9 @@ from reclm_jax.eval.metrics import (
     tc1_not2_p_at_k,
     tcp_at_k,
 )
+
+from reclm_jax.core.controls import Control
+from reclm_jax.eval.metrics import METRICS, Bootstrap, aggregate, estimate, evaluate_batch
 
 # k = 5 list: 3, unknown, 7, 3 (repeat), 9 (history), 4 (past k)
 IDS = [3, -1, 7, 3, 9, 4]

@@ -25,6 +25,7 @@ def test_stage_configs_connect_the_stages():
 
 
 @pytest.mark.network
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     gguf = str(assets.fetch("tiny-llama-vocab") / "tiny.gguf")
     out = tmp_path / "run"
@@ -37,7 +38,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
         "sft.train.global_batch=2", "sft.train.micro_batch=2", "sft.train.steps=2", "sft.valid.every=0",
         "sft.checkpoint.every=2",
         "ppo.rollout.prompts_per_step=2", "ppo.rollout.max_new_tokens=8", "ppo.ppo.minibatches=1",
-        "ppo.ppo.epochs=1", "ppo.train.steps=1", "ppo.train.checkpoint_every=1",
+        "ppo.ppo.epochs=1", "ppo.train.steps=1", "ppo.checkpoint.every=1",
         "eval.users=2", "eval.generation.max_new_tokens=8", "eval.generation.batch_size=4",
     ]
     args = ["pipeline", "--config", "configs/pipeline/demo.yaml", "--quiet", *overrides]

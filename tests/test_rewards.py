@@ -5,20 +5,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reclm_jax.eval.controls import Control, quota
-from reclm_jax.rl.rewards import (
-    RewardOptions,
-    batch_rewards,
+from reclm_jax.core.controls import Control, quota
+from reference_rewards import (
     control_scores,
     discounted_scores,
-    ideal_dcg,
     illegal_items,
-    item_rewards,
     list_control_score,
-    list_reward,
     preference_scores,
     sample_rewards,
 )
+
+from reclm_jax.rl.rewards import RewardOptions, batch_rewards, ideal_dcg, item_rewards, list_reward
 
 L3, L4, L5 = math.log2(3), math.log2(4), math.log2(5)
 

@@ -1,7 +1,6 @@
 """SFT: the loss against hand values, the schedule, micro-batching, over-fitting, resume, non-finite stops,
 a sharded step on 8 fake devices, and validation scoring."""
 
-import functools
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reclm_jax.eval.controls import Control
+from reclm_jax.core.controls import Control
 from reclm_jax.eval.evaluate import parse_answers, score_task
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.llm import lora as lora_lib
@@ -22,7 +21,8 @@ from reclm_jax.llm import model
 from reclm_jax.llm.config import LORA_TARGETS, PRESETS, LoraConfig
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import CheckpointConfig, OptimConfig, SFTConfig, TrainConfig, ValidConfig
-from reclm_jax.sft.trainer import NonFiniteError, RunSetup, place, train
+from reclm_jax.core.errors import RunError
+from reclm_jax.sft.trainer import RunSetup, place, train
 from reclm_jax.tasks.samples import Sample
 
 CFG = PRESETS["tiny"]
@@ -133,8 +133,8 @@ def straight(tmp_path_factory):
 
 def test_loss_falls_when_overfitting_a_handful_of_samples(straight):
     result, out = straight
-    losses = [result["losses"][s] for s in range(1, TOTAL + 1)]
-    assert result["step"] == TOTAL
+    losses = [result.losses[s] for s in range(1, TOTAL + 1)]
+    assert result.step == TOTAL
     assert np.mean(losses[-3:]) < 0.85 * losses[0], losses
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, TOTAL + 1))
@@ -147,22 +147,22 @@ def test_loss_falls_when_overfitting_a_handful_of_samples(straight):
 
 def test_interrupted_run_resumes_with_identical_losses(straight, tmp_path):
     first = train(setup(), sft_config(tmp_path), progress=False, max_steps=3)
-    assert sorted(first["losses"]) == [1, 2, 3]
+    assert sorted(first.losses) == [1, 2, 3]
     # A fresh trainer resumes from the step-3 checkpoint (the end of a call always saves) and the same data.
     second = train(setup(), sft_config(tmp_path), progress=False)
-    assert sorted(second["losses"]) == list(range(4, TOTAL + 1))
-    resumed = {**first["losses"], **second["losses"]}
+    assert sorted(second.losses) == list(range(4, TOTAL + 1))
+    resumed = {**first.losses, **second.losses}
     np.testing.assert_allclose([resumed[s] for s in range(1, TOTAL + 1)],
-                               [straight[0]["losses"][s] for s in range(1, TOTAL + 1)], rtol=1e-6)
+                               [straight[0].losses[s] for s in range(1, TOTAL + 1)], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 second["lora"], straight[0]["lora"])
+                 second.state.params, straight[0].state.params)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train(setup(), sft_config(tmp_path), progress=False, max_steps=2)
     params = base_params()
     poisoned = {**params, "final_norm": params["final_norm"].at[0].set(jnp.nan)}
-    with pytest.raises(NonFiniteError, match=r"step 3: .*not finite.*last good checkpoint is step 2"):
+    with pytest.raises(RunError, match=r"step 3: .*not finite.*last good checkpoint is step 2"):
         train(setup(poisoned), sft_config(tmp_path), progress=False)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints" / "last").iterdir() if p.name.isdigit())
     assert steps == [2]
@@ -205,7 +205,7 @@ SHARDED_STEP = textwrap.dedent("""
         fn = step_lib.jit_train_step(t.CFG, t.LORA, tx, t.ACCUM, t.T, placed.shardings)
         state, metrics = fn(placed.state, placed.params, placed.put_batch(host_batch), jax.random.key(0))
         if mesh is not None:
-            spec = state["lora"]["layers"]["q"]["a"].sharding.spec
+            spec = state.params["layers"]["q"]["a"].sharding.spec
             assert tuple(spec) == (None, "fsdp", None), spec
         results.append(jax.device_get((state, metrics)))
     (s1, m1), (s8, m8) = results
@@ -216,6 +216,7 @@ SHARDED_STEP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_step_on_8_devices_equals_single_device_step():
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -268,7 +269,8 @@ def test_validation_on_the_valid_tasks_with_greedy_generation():
     from tasks_helpers import tiny_dataset, tiny_teacher, tiny_tokenizer
 
     from reclm_jax.llm import sampling
-    from reclm_jax.sft.validation import evaluate, greedy_answer
+    from reclm_jax.llm.chat import ChatPolicy
+    from reclm_jax.sft.validation import evaluate
     from reclm_jax.tasks.config import TaskConfig
     from reclm_jax.tasks.evaluation import build_eval_set
     from reclm_jax.tasks.samples import TaskContext
@@ -285,7 +287,8 @@ def test_validation_on_the_valid_tasks_with_greedy_generation():
         assert len(prompts) == len(samples) and all(len(p) <= 400 for p in prompts)
         return [f"1. {ds.titles[s.target]}\n2. Nope" for s in samples]
 
-    metrics, answers = evaluate(eval_set, oracle, tok, catalogue, ds.category_matrix, 400)
+    policy = ChatPolicy.of(tok)
+    metrics, answers = evaluate(eval_set, oracle, policy, catalogue, ds.category_matrix, 400)
     assert set(answers) == {"seqrec", "+c", "-c", "~50%"}
     for task, samples in eval_set.tasks.items():
         assert metrics[f"{task}/n"] == len(samples) and metrics[f"{task}/HR@K"] == 1.0
@@ -294,21 +297,19 @@ def test_validation_on_the_valid_tasks_with_greedy_generation():
 
     cfg = CFG.replace(vocab_size=len(tok))
     params = init_params(jax.random.key(0), cfg)
-    answer = greedy_answer(functools.partial(sampling.generate, params, cfg), tok, batch_size=4, max_new_tokens=5,
-                           eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     prompts = [tok.encode("Movie 3"), tok.encode("1. Movie 4 (1954)\n2."), tok.encode("Mo")]
-    direct = sampling.generate(params, cfg, prompts, max_new_tokens=5, eos_ids=[tok.eos_token_id],
-                               pad_id=tok.pad_token_id)
-    assert answer(prompts) == [tok.decode(t[:n].tolist(), skip_special_tokens=True)
-                               for t, n in zip(direct.tokens, direct.lengths)]
+    answers = policy.answer(params, cfg, prompts, max_new_tokens=5, batch_size=2)  # two batches, sorted by length
+    direct = sampling.generate(params, cfg, prompts, max_new_tokens=5, eos_ids=policy.stop_ids, pad_id=policy.pad_id)
+    assert answers == [tok.decode(t[:n].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                       for t, n in zip(direct.tokens, direct.lengths)]
 
 
 def test_training_flops_per_token_and_peak_table():
-    from reclm_jax.run_log import peak_flops, train_flops_per_token
+    from reclm_jax.training.run_log import peak_flops
 
     # tiny: 2 x (64*16*(2*4 + 2*2) + 3*64*128 + 2*64) + 2 * 256*64 + 64 = 106816 parameters
     assert CFG.num_params == 106816
-    assert train_flops_per_token(CFG, 100) == 6 * 106816 + 12 * 2 * 4 * 16 * 100
+    assert CFG.train_flops_per_token(100) == 6 * 106816 + 12 * 2 * 4 * 16 * 100
     assert peak_flops(jax.devices("cpu")[0]) is None and peak_flops(override=1e12) == 1e12
 
 

@@ -17,7 +17,7 @@ from reclm_jax.llm import gguf_io, hf_io, model, sampling
 from reclm_jax.llm.config import PRESETS, LlamaConfig
 from reclm_jax.llm.tokenizer import load_tokenizer, stop_token_ids
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.slow]  # real weights end to end
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -8,10 +8,16 @@ import pytest
 from tasks_helpers import LLAMA2, tiny_dataset, tiny_teacher, tiny_tokenizer
 
 from reclm_jax.tasks.config import TaskConfig
-from reclm_jax.tasks.pipeline import EpochSamples, bucket_length, collate, sft_batches
+from reclm_jax.llm.chat import ChatPolicy
+from reclm_jax.tasks.batches import EpochSamples, bucket_length, collate, sft_batches
+from reclm_jax.tasks.encode import display_titles, encode_samples
 from reclm_jax.tasks.samples import Sample, TaskContext
-from reclm_jax.tasks.tokenize import display_titles, encode_sample, prompt_ids
+from reclm_jax.tasks.sharegpt import read_sharegpt
 from reclm_jax.tasks.training import training_samples
+
+def encode_sample(sample: Sample, tokenizer, max_length: int, max_response_tokens: int) -> dict[str, np.ndarray]:
+    return encode_samples([sample], ChatPolicy.of(tokenizer), max_length, max_response_tokens)[0]
+
 
 CORPUS = ["You are an expert recommender engine. The historical interactions: 'Movie 12 (1962)'.\n1. Movie 3 (1953)"] * 5
 
@@ -35,7 +41,7 @@ def test_loss_mask_covers_exactly_the_response_and_eos(template, eos):
     tok = tiny_tokenizer(CORPUS, **({"chat_template": template, "eos": eos} if template else {}))
     enc = encode_sample(SAMPLE, tok, max_length=1024, max_response_tokens=512)
     tokens, mask = enc["tokens"], enc["loss_mask"]
-    n_prompt = len(prompt_ids(SAMPLE, tok, 1024))
+    n_prompt = len(ChatPolicy.of(tok).prompt_ids(SAMPLE.messages, 1024))
     assert not mask[:n_prompt].any() and mask[n_prompt:].all()
     assert tokens[-1] == tok.eos_token_id
     answer = tok.decode(tokens[mask]).strip()
@@ -59,7 +65,7 @@ def test_prompts_are_cut_from_the_left_and_responses_kept(tokenizer):
 
 def test_display_titles_cut_to_max_tokens_and_stay_unique(tokenizer):
     titles = ["Movie 3 (1953) and a very long subtitle", "Movie 3 (1953) and another long subtitle", "Short"]
-    out = display_titles(titles, tokenizer, max_tokens=4)
+    out = display_titles(titles, ChatPolicy.of(tokenizer), max_tokens=4)
     assert len(set(out)) == 3 and out[2] == "Short"
     assert all(len(tokenizer.encode(t.rsplit(" (2)", 1)[0], add_special_tokens=False)) <= 4 for t in out)
     assert out[1] == out[0] + " (2)"
@@ -82,7 +88,7 @@ def test_collate_pads_to_the_smallest_fitting_bucket():
 def make_batches(ctx, tokenizer, shard=(0, 1), **cfg):
     cfg = TaskConfig(task_set="v1", sharegpt_ratio=0, batch_size=4, num_epochs=2, max_length=256,
                      max_response_tokens=128, buckets=(64, 128, 256), **cfg)
-    return sft_batches(lambda e: training_samples(ctx, e), tokenizer, cfg, *shard)
+    return sft_batches(lambda e: training_samples(ctx, e), ChatPolicy.of(tokenizer), cfg, *shard)
 
 
 def as_list(batches):
@@ -146,18 +152,18 @@ def test_real_chat_templates_mask_exactly_the_answer(name, answer_end):
 
 
 def test_sl_batches_mix_in_sharegpt_and_cut_titles(ctx, tokenizer, tmp_path):
-    from reclm_jax.tasks.pipeline import sl_batches
-    from reclm_jax.tasks.tokenize import task_context
-
     path = tmp_path / "sg.json"
     path.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]')
     cfg = TaskConfig(sharegpt_path=str(path), batch_size=8, num_epochs=1, max_length=256, max_response_tokens=128,
                      buckets=(64, 128, 256), max_title_tokens=3)
-    batches = list(sl_batches(ctx.dataset, ctx.teacher, tokenizer, cfg, 0, 1))
+    policy = ChatPolicy.of(tokenizer)
+    titles = display_titles(ctx.dataset.titles, policy, cfg.max_title_tokens)
+    sl_ctx = TaskContext(ctx.dataset, ctx.teacher, cfg, titles=titles)
+    conversations = read_sharegpt(cfg.sharegpt_path)
+    batches = list(sft_batches(lambda epoch: training_samples(sl_ctx, epoch, conversations), policy, cfg, 0, 1))
     assert batches and all(b["tokens"].shape[0] == 8 for b in batches)
     answers = [tokenizer.decode(b["tokens"][i][b["loss_mask"][i]]) for b in batches for i in range(8)]
     assert sum(a == "yo<|im_end|>" for a in answers) > len(answers) / 4  # ShareGPT: 1/3 of the samples
-    titles = task_context(ctx.dataset, None, cfg, tokenizer).titles
     assert all(len(tokenizer.encode(t.split(" (")[0], add_special_tokens=False)) <= 3 for t in titles)
     assert len(set(titles)) == len(titles)
     assert any(t in a for a in answers for t in titles if t not in ctx.dataset.titles)  # cut titles are shown

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tasks_helpers import tiny_dataset, tiny_teacher
 
-from reclm_jax.eval.controls import Control
+from reclm_jax.core.controls import Control
 from reclm_jax.eval.metrics import cpa
 from reclm_jax.tasks import labels as L
 from reclm_jax.tasks.config import TaskConfig

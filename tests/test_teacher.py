@@ -199,6 +199,7 @@ def test_sampled_candidates_avoid_the_users_items():
         assert len(negatives) == 10 and not negatives & set(ds.sequences[u].tolist())
 
 
+@pytest.mark.slow
 def test_training_learns_the_chain_and_resumes_deterministically(tmp_path):
     ds = chain_dataset()
     cfg = replace(TINY, model=replace(TINY.model, length_buckets=1))  # one batch shape: fewer compiles

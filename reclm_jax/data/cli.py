@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from reclm_jax.core.errors import UserError
+from reclm_jax.data import DataConfig, DataError, load_dataset
+from reclm_jax.data.config import Columns
+from reclm_jax.tasks.preview import preview
+from reclm_jax.teacher.query import Teacher
+
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     """The options that pick a dataset; shared by every command that reads one."""
@@ -22,9 +28,6 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 
 def dataset_from_args(args: argparse.Namespace):
-    from reclm_jax.data import DataConfig, DataError, load_dataset
-    from reclm_jax.data.config import Columns
-
     try:
         cfg = DataConfig(
             name=args.dataset,
@@ -77,10 +80,6 @@ def _stats(args) -> int:
 
 
 def _preview(args) -> int:
-    from reclm_jax.cli import UserError
-    from reclm_jax.tasks.preview import preview
-    from reclm_jax.teacher.query import Teacher
-
     ds = dataset_from_args(args)
     try:
         teacher = Teacher.load(args.teacher)

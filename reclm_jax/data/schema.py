@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from reclm_jax.core.errors import DataError
+
 MIN_SEQUENCE = 3  # a leave-one-out split needs one train, one valid and one test item
-
-
-class DataError(ValueError):
-    """Bad dataset input: the message names the file, line or field."""
 
 
 @dataclass

@@ -5,8 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rapidfuzz import process
+
+from reclm_jax.core.errors import UserError
 from reclm_jax.data.cli import add_dataset_args, dataset_from_args
-from reclm_jax.eval.parse import MATCH_MODES
+from reclm_jax.eval import evaluate as E
+from reclm_jax.eval.evaluate import TEACHER_ROW, GenerationSettings, ModelRun, run_evaluation
+from reclm_jax.eval.parse import MATCH_MODES, Catalogue
+from reclm_jax.eval.plots import LogError, plot_logs
+from reclm_jax.llm.hf_io import FormatError
+from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.tasks.encode import display_titles
+from reclm_jax.tasks.samples import Sample
+from reclm_jax.tasks.templates import load_templates
+from reclm_jax.teacher.query import Teacher
 
 BASE_ROW = "{model} zero-shot"
 
@@ -65,8 +77,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 # ---- evaluate ------------------------------------------------------------------------------------------
 def _adapters(arg: str | None) -> tuple[str, ...]:
     """--lora's comma-separated adapter directories."""
-    from reclm_jax.cli import UserError
-
     stack = tuple(p.strip() for p in (arg or "").split(",") if p.strip())
     if arg is not None and not stack:
         raise UserError(f"--lora {arg!r} names no adapter directory")
@@ -75,9 +85,6 @@ def _adapters(arg: str | None) -> tuple[str, ...]:
 
 def model_runs(args) -> list:
     """The table rows to evaluate: --model zero-shot (unless --no-base), then one per --lora."""
-    from reclm_jax.cli import UserError
-    from reclm_jax.eval.evaluate import TEACHER_ROW, ModelRun
-
     if args.name and len(args.name) != len(args.lora):
         raise UserError(f"--name was given {len(args.name)} times for {len(args.lora)} --lora; give one per --lora")
     runs = [] if args.no_base else [
@@ -94,12 +101,6 @@ def model_runs(args) -> list:
 
 
 def _evaluate(args) -> int:
-    from reclm_jax.cli import UserError
-    from reclm_jax.eval.evaluate import GenerationSettings, run_evaluation
-    from reclm_jax.llm.hf_io import FormatError
-    from reclm_jax.tasks.config import TaskConfig
-    from reclm_jax.teacher.query import Teacher
-
     runs = model_runs(args)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
@@ -136,10 +137,6 @@ def _evaluate(args) -> int:
 # ---- recommend -----------------------------------------------------------------------------------------
 def history_items(titles: list[str], catalogue) -> list[int]:
     """Catalogue item ids of the given titles; a title that names no item is an error listing close ones."""
-    from rapidfuzz import process
-
-    from reclm_jax.cli import UserError
-
     ids = []
     for title in titles:
         item, _ = catalogue.lookup(title)
@@ -181,15 +178,6 @@ def recommendation_lines(items, item_categories, history: set[int]) -> list[str]
 
 
 def _recommend(args) -> int:
-    from reclm_jax.cli import UserError
-    from reclm_jax.eval import evaluate as E
-    from reclm_jax.eval.parse import Catalogue
-    from reclm_jax.llm.hf_io import FormatError
-    from reclm_jax.tasks.config import TaskConfig
-    from reclm_jax.tasks.samples import Sample
-    from reclm_jax.tasks.templates import load_templates
-    from reclm_jax.tasks.tokenize import display_titles
-
     if args.k < 1:
         raise UserError(f"-k must be >= 1, got {args.k}")
     try:
@@ -201,7 +189,7 @@ def _recommend(args) -> int:
         model = E.load_chat_model(args.model, _adapters(args.lora), args.tokenizer)
     except (FormatError, ValueError) as e:
         raise UserError(f"--model/--lora: {e}") from None
-    titles = display_titles(dataset.titles, model.tokenizer, TaskConfig.max_title_tokens)
+    titles = display_titles(dataset.titles, model.policy, TaskConfig.max_title_tokens)
     catalogue = Catalogue(titles, args.title_match, fuzzy=args.fuzzy)
     # The history is typed by a person, not judged: match it leniently (an unknown title is still an error).
     history = history_items(args.history, Catalogue(titles, "lenient", fuzzy=args.fuzzy))
@@ -219,9 +207,6 @@ def _recommend(args) -> int:
 
 # ---- plot ----------------------------------------------------------------------------------------------
 def _plot(args) -> int:
-    from reclm_jax.cli import UserError
-    from reclm_jax.eval.plots import LogError, plot_logs
-
     try:
         for path in plot_logs(args.log, args.out):
             print(path)

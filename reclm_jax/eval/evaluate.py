@@ -43,16 +43,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from reclm_jax.data.schema import Dataset
-from reclm_jax.eval.metrics import Bootstrap, estimate, evaluate_batch
+from reclm_jax.eval.metrics import NO_CONTROL, Bootstrap, estimate, evaluate_batch
 from reclm_jax.eval.parse import Catalogue
+from reclm_jax.eval.tables import write_tables
+from reclm_jax.llm import hf_io
+from reclm_jax.llm.chat import ChatPolicy
+from reclm_jax.llm.config import LlamaConfig
 from reclm_jax.tasks.config import TaskConfig
-from reclm_jax.tasks.evaluation import EvalSet
-from reclm_jax.tasks.samples import Sample
+from reclm_jax.tasks.evaluation import EvalSet, build_eval_set
+from reclm_jax.tasks.samples import Sample, TaskContext
+from reclm_jax.tasks.encode import display_titles
 
-NO_CONTROL = "/no_control"
 SEQREC = "seqrec"
 
 
@@ -73,10 +79,9 @@ class ChatModel:
     """A Llama-family model ready for greedy chat generation (any LoRA adapter merged in)."""
 
     name: str
-    cfg: Any  # llm.config.LlamaConfig
+    cfg: LlamaConfig
     params: Any  # device arrays
-    tokenizer: Any
-    stop_ids: list[int]
+    policy: ChatPolicy
 
 
 def load_chat_model(model: str, loras: Sequence[str | Path] = (), tokenizer: str | Path | None = None,
@@ -84,44 +89,22 @@ def load_chat_model(model: str, loras: Sequence[str | Path] = (), tokenizer: str
     """Base weights from a preset with embedded weights, a GGUF file or an HF directory
     (`hf_io.load_pretrained`), PEFT LoRA adapters merged in in the given order (e.g. the SFT adapter, then
     the PPO actor trained on top of it), and the model's tokenizer (`tokenizer` defaults to `model`)."""
-    import jax
-
-    from reclm_jax.llm import hf_io
-    from reclm_jax.llm.tokenizer import load_tokenizer, stop_token_ids
-
     cfg, params = hf_io.load_merged(model, loras)
-    tok = load_tokenizer(tokenizer or model)
-    if len(tok) > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer or model} has {len(tok)} tokens, model {model} only {cfg.vocab_size}")
-    return ChatModel(name or str(model), cfg, jax.device_put(params), tok, stop_token_ids(tok))
+    policy = ChatPolicy.load(tokenizer or model)
+    if len(policy) > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer or model} has {len(policy)} tokens, model {model} only {cfg.vocab_size}")
+    return ChatModel(name or str(model), cfg, jax.device_put(params), policy)
 
 
 def generate_texts(model: ChatModel, samples: Sequence[Sample], settings: GenerationSettings,
                    progress: bool | str = False) -> list[str]:
-    """Greedy answers to the samples' chat prompts, in order. Prompts are decoded in batches of similar
-    length (fewer padded positions and compiled shapes); `progress` (True or a label) shows a tqdm bar."""
-    import functools
-
-    from tqdm.auto import tqdm
-
-    from reclm_jax.llm.sampling import generate
-    from reclm_jax.sft.validation import greedy_answer
-    from reclm_jax.tasks.tokenize import prompt_ids
-
-    prompts = [prompt_ids(s, model.tokenizer, settings.max_prompt_tokens) for s in samples]
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    answer = greedy_answer(functools.partial(generate, model.params, model.cfg), model.tokenizer,
-                           settings.batch_size, settings.max_new_tokens, model.stop_ids, pad)
-    order = np.argsort([len(p) for p in prompts], kind="stable")
-    texts: list[str] = [""] * len(prompts)
+    """Greedy answers to the samples' chat prompts, in order (`ChatPolicy.answer`); `progress` (True or a
+    label) shows a tqdm bar."""
+    prompts = [model.policy.prompt_ids(s.messages, settings.max_prompt_tokens) for s in samples]
     label = progress if isinstance(progress, str) else model.name
     with tqdm(total=len(prompts), desc=label, unit="answer", disable=not progress) as bar:
-        for start in range(0, len(order), settings.batch_size):  # one batch at a time, for the progress bar
-            rows = order[start:start + settings.batch_size]
-            for row, text in zip(rows, answer([prompts[i] for i in rows])):
-                texts[row] = text
-            bar.update(len(rows))
-    return texts
+        return model.policy.answer(model.params, model.cfg, prompts, max_new_tokens=settings.max_new_tokens,
+                                   batch_size=settings.batch_size, on_batch=bar.update)
 
 
 def generate_answers(model: ChatModel, eval_set: EvalSet, settings: GenerationSettings,
@@ -287,22 +270,16 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     metrics.json was made with the same settings (model and adapter files, test set, decoding, title
     matching, bootstrap) is read back instead of decoded again unless `force`. Returns the table rows: the
     teacher's, then one per run. Titles are shown and matched as the first run's tokenizer cuts them
-    (`tasks.tokenize.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`; intervals
+    (`tasks.encode.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`; intervals
     from `resamples` bootstrap resamples seeded by task_cfg.seed."""
-    from reclm_jax.eval.tables import write_tables
-    from reclm_jax.llm.tokenizer import load_tokenizer
-    from reclm_jax.tasks.evaluation import build_eval_set
-    from reclm_jax.tasks.samples import TaskContext
-    from reclm_jax.tasks.tokenize import display_titles
-
     labels = [r.label for r in runs]
     if not runs or len(set(labels)) != len(labels) or TEACHER_ROW in labels:
         raise ValueError(f"row labels must be unique and not {TEACHER_ROW!r}, got {labels}")
     if teacher.num_items != dataset.num_items:
         raise ValueError(f"the teacher has {teacher.num_items} items, dataset {dataset.name} {dataset.num_items}")
     out_dir = Path(out_dir)
-    tokenizer = load_tokenizer(runs[0].tokenizer or runs[0].model)
-    titles = display_titles(dataset.titles, tokenizer, task_cfg.max_title_tokens)
+    policy = ChatPolicy.load(runs[0].tokenizer or runs[0].model)
+    titles = display_titles(dataset.titles, policy, task_cfg.max_title_tokens)
     eval_set = build_eval_set(TaskContext(dataset, teacher, task_cfg, titles=titles), "test")
     catalogue = Catalogue(titles, title_match, fuzzy=fuzzy)
     bootstrap = Bootstrap(resamples, task_cfg.seed)

@@ -22,7 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reclm_jax.eval.evaluate import NO_CONTROL
+import numpy as np
+
+from reclm_jax.eval.metrics import NO_CONTROL
 
 Estimate = Mapping[str, float]  # {"mean", "lo", "hi", "n"}
 Metrics = Mapping[str, Mapping[str, Estimate]]  # task -> metric -> estimate
@@ -199,7 +201,6 @@ def bar_chart(table: Table, rows: Rows, path: str | Path, title_match: str = "st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     columns = [c for c in table.columns if c.no_control]
     shown = [(name, m) for name, m in table_rows(table, rows) if any(cell(m, c) is not None for c in columns)]

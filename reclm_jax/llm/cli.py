@@ -6,6 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from reclm_jax.core.errors import UserError
+from reclm_jax.llm import hf_io, tokenizer
+from reclm_jax.llm.config import PRESETS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     model = subparsers.add_parser("model", help="fetch or describe a base model")
@@ -33,9 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from reclm_jax.cli import UserError
-    from reclm_jax.llm import hf_io, tokenizer
-
     known = sorted({*hf_io.EMBEDDED_MODELS, *tokenizer.NAMED})
     if args.name not in known:
         raise UserError(f"unknown model {args.name!r}; embedded models and tokenizers: {', '.join(known)}")
@@ -48,10 +49,6 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from reclm_jax.cli import UserError
-    from reclm_jax.llm import hf_io
-    from reclm_jax.llm.config import PRESETS
-
     if args.model in PRESETS and args.model not in hf_io.EMBEDDED_MODELS:
         cfg, source = PRESETS[args.model], "preset (no weights)"
     else:
@@ -66,9 +63,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from reclm_jax.cli import UserError
-    from reclm_jax.llm import hf_io
-
     if args.kind == "peft" and not args.lora:
         raise UserError("export --peft writes an adapter: give it with --lora")
     try:
@@ -94,8 +88,6 @@ def _adapter_dir(path: str) -> Path:
 
 def _tokenizer(name: str | None, model: str):
     """The tokenizer asked for, else the model's own: a named tokenizer, its GGUF, or its HF directory."""
-    from reclm_jax.llm import hf_io, tokenizer
-
     if name is not None:
         return tokenizer.load_tokenizer(name)
     if model in tokenizer.NAMED:

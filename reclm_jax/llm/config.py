@@ -64,6 +64,13 @@ class LlamaConfig:
         layer = attn + 3 * d * f + 2 * d
         return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * layer + d
 
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x parameters (forward 2, backward 4) plus causal attention's score and
+        value products, 6 x 2 x layers x heads x head_dim x seq_len (the PaLM/MaxText convention, not halved
+        for the causal mask). With LoRA the backward skips the frozen weights' gradients (about 2 x parameters
+        fewer), so this is the full fine-tuning cost, comparable across projects."""
+        return 6 * self.num_params + 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         """From a Hugging Face Llama `config.json` dict; `overrides` set the execution switches (dtypes, remat)."""
@@ -157,17 +164,41 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise ValueError(f"LoraConfig.rank must be positive, got {self.rank}")
+            raise ValueError(f"rank must be positive, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets:
-            raise ValueError(f"LoraConfig.targets must be a non-empty subset of {LORA_TARGETS}, got "
+            raise ValueError(f"targets must be a non-empty subset of {LORA_TARGETS}, got "
                              f"{tuple(self.targets)}")
         if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"LoraConfig.targets has duplicates: {tuple(self.targets)}")
+            raise ValueError(f"targets has duplicates: {tuple(self.targets)}")
         object.__setattr__(self, "targets", tuple(self.targets))
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A model with weights (a preset with embedded weights such as "smollm2-135m", a .gguf file or a Hugging
+    # Face directory), or with random_init a `reclm_jax.llm.config.PRESETS` name (smoke runs and tests).
+    base: str = "smollm2-135m"
+    random_init: bool = False  # random base weights from the stage's seed; vocab_size becomes the tokenizer's
+    tokenizer: str = "smollm2-135m"  # see `reclm_jax.llm.tokenizer.load_tokenizer`
+    param_dtype: Dtype = "float32"  # storage of the frozen base ("bfloat16" halves its memory)
+    compute_dtype: Dtype = "float32"  # "bfloat16" on accelerators; the loss and the adapter stay float32
+    remat: Literal["none", "full", "dots"] = "none"  # gradient checkpointing of each decoder layer
+
+    def __post_init__(self):
+        if self.random_init and self.base not in PRESETS:
+            raise ValueError(f"model.base {self.base!r} must be one of {sorted(PRESETS)} with model.random_init")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")

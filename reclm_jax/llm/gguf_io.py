@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
-from reclm_jax.llm.hf_io import FormatError
+from reclm_jax.core.errors import FormatError
 
 # GGUF tensor name (per block `blk.{i}.`) -> Hugging Face name (per layer `model.layers.{i}.`).
 _GLOBAL_NAMES = {
@@ -100,8 +101,6 @@ def hf_config(reader: Any, tensor_names: set[str]) -> dict[str, Any]:
 
 
 def _open(path: Path) -> Any:
-    import gguf
-
     if not path.is_file():
         raise FormatError(f"GGUF file not found: {path}")
     try:
@@ -118,8 +117,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(HF config dict, HF-named float32 state dict in the rotate-half layout) of a Llama GGUF file."""
-    import gguf
-
     path = Path(path)
     reader = _open(path)
     config = hf_config(reader, {t.name for t in reader.tensors})

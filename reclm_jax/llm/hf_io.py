@@ -21,9 +21,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
-from reclm_jax.llm.config import LAYER_TARGETS, PRESETS, LlamaConfig, LoraConfig
+from reclm_jax import assets
+from reclm_jax.core.errors import FormatError
+from reclm_jax.llm import lora as lora_lib, model
+from reclm_jax.llm.config import LAYER_TARGETS, PRESETS, LlamaConfig, LoraConfig, ModelConfig
+from reclm_jax.llm.gguf_io import read_config, read_gguf
+from reclm_jax.llm.tokenizer import stop_token_ids
 
 Params = dict[str, Any]
 
@@ -45,18 +54,12 @@ PEFT_PREFIX = "base_model.model."
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-class FormatError(ValueError):
-    """A checkpoint, adapter or GGUF file is missing, malformed, or does not match the model config."""
-
-
 def _layer_name(i: int, name: str) -> str:
     return f"model.layers.{i}.{HF_LAYER_NAMES[name]}.weight"
 
 
 def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: LlamaConfig) -> Params:
     """Model parameters (host numpy arrays in cfg.param_dtype) from an HF Llama state dict."""
-    from reclm_jax.llm.model import param_shapes
-
     dtype = np.dtype(_jnp_dtype(cfg.param_dtype))
     used: set[str] = set()
 
@@ -83,7 +86,7 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: LlamaConfig) -> Pa
     unused = {k for k in set(state_dict) - used if not k.endswith("rotary_emb.inv_freq")}
     if unexpected := sorted(unused):
         raise FormatError(f"checkpoint has tensors a Llama model does not use: {unexpected[:5]}")
-    _check_shapes(params, param_shapes(cfg))
+    _check_shapes(params, model.param_shapes(cfg))
     return params
 
 
@@ -115,8 +118,6 @@ def params_to_hf(params: Params, cfg: LlamaConfig, dtype: Any = None) -> dict[st
 
 
 def _jnp_dtype(name: str) -> Any:
-    import jax.numpy as jnp
-
     return jnp.dtype(name)
 
 
@@ -125,8 +126,6 @@ def _jnp_dtype(name: str) -> Any:
 
 def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(config.json dict, state dict) of an HF checkpoint directory: model.safetensors or a sharded index."""
-    from safetensors.numpy import load_file
-
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -145,8 +144,15 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
     for name in files:
         if not (path / name).is_file():
             raise FormatError(f"{path}: shard {name} named in {SAFETENSORS_INDEX} is missing")
-        state.update(load_file(path / name))
+        state.update(_read_safetensors(path / name))
     return config, state
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except SafetensorError as e:  # a truncated or corrupt file
+        raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def load_hf_dir(path: str | Path, **overrides: Any) -> tuple[LlamaConfig, Params]:
@@ -163,8 +169,6 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> tuple[LlamaCo
     """Base model config and parameters from a preset with embedded weights (e.g. "smollm2-135m", fetched
     into the cache on first use), a `.gguf` file, or an HF checkpoint directory. Parameters are host numpy
     arrays in `param_dtype`; place them with `sharding.shard_params` or `jax.device_put`."""
-    from reclm_jax.llm.gguf_io import read_gguf
-
     path = resolve_model_path(name_or_path)
     hf, state = read_gguf(path) if path.suffix == ".gguf" else read_hf_dir(path)
     try:
@@ -174,12 +178,22 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> tuple[LlamaCo
     return cfg, params_from_hf(state, cfg)
 
 
+def load_model(section: ModelConfig, tokenizer: Any, seed: int) -> tuple[LlamaConfig, Params]:
+    """The base of a `model` config section: its weights (`load_pretrained`), or with `random_init` the preset
+    shaped to the tokenizer (vocabulary, BOS, EOS) with random weights (smoke runs, tests): stream 1 of `seed`,
+    so SFT and PPO with one seed draw the same base, and no stage's own draws from the seed repeat it."""
+    dtypes = {"param_dtype": section.param_dtype, "compute_dtype": section.compute_dtype, "remat": section.remat}
+    if not section.random_init:
+        return load_pretrained(section.base, **dtypes)
+    cfg = PRESETS[section.base].replace(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id or 0,
+                                        eos_token_id=tokenizer.eos_token_id, **dtypes)
+    return cfg, jax.jit(model.init_params, static_argnums=1)(jax.random.fold_in(jax.random.key(seed), 1), cfg)
+
+
 def load_merged(name_or_path: str | Path, adapters: Sequence[str | Path] = (), **overrides: Any
                 ) -> tuple[LlamaConfig, Params]:
     """`load_pretrained`, then PEFT LoRA adapters merged in in the given order (e.g. the SFT adapter, then
     the PPO actor trained on top of it)."""
-    from reclm_jax.llm import lora as lora_lib
-
     cfg, params = load_pretrained(name_or_path, **overrides)
     for path in adapters:
         lora_cfg, adapter = load_peft_dir(path, cfg)
@@ -192,8 +206,6 @@ def load_merged(name_or_path: str | Path, adapters: Sequence[str | Path] = (), *
 
 def read_model_config(name_or_path: str | Path) -> LlamaConfig:
     """The config of `name_or_path` (as for `load_pretrained`) without reading its weights."""
-    from reclm_jax.llm.gguf_io import read_config
-
     path = resolve_model_path(name_or_path)
     if path.suffix == ".gguf":
         hf = read_config(path)
@@ -211,8 +223,6 @@ def read_model_config(name_or_path: str | Path) -> LlamaConfig:
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """The GGUF file or HF directory that `name_or_path` names (fetching an embedded model if needed)."""
-    from reclm_jax import assets
-
     if str(name_or_path) in EMBEDDED_MODELS:
         asset, file = EMBEDDED_MODELS[str(name_or_path)]
         return assets.fetch(asset) / file
@@ -234,16 +244,12 @@ def save_hf_dir(out: str | Path, params: Params, cfg: LlamaConfig, *, tokenizer:
     """Write a merged HF checkpoint (config.json, model.safetensors, generation_config.json and, if given, the
     tokenizer's files) that `transformers.LlamaForCausalLM.from_pretrained` and vLLM load.
     `dtype` ("float32", "bfloat16", "float16") defaults to cfg.param_dtype."""
-    from safetensors.numpy import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or cfg.param_dtype
     config = cfg.replace(param_dtype=dtype).to_hf()
     eos = [cfg.eos_token_id]
     if tokenizer is not None:
-        from reclm_jax.llm.tokenizer import stop_token_ids
-
         eos += [i for i in stop_token_ids(tokenizer) if i not in eos]
         config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -302,8 +308,6 @@ def lora_from_peft(state: Mapping[str, np.ndarray], cfg: LlamaConfig, lora_cfg: 
 def save_peft_dir(out: str | Path, lora: Params, cfg: LlamaConfig, lora_cfg: LoraConfig, *,
                   base_model_name_or_path: str | None = None) -> Path:
     """Write a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    from safetensors.numpy import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -329,8 +333,6 @@ def save_peft_dir(out: str | Path, lora: Params, cfg: LlamaConfig, lora_cfg: Lor
 
 def load_peft_dir(path: str | Path, cfg: LlamaConfig) -> tuple[LoraConfig, Params]:
     """LoRA config and adapter pytree from a PEFT adapter directory."""
-    from safetensors.numpy import load_file
-
     path = Path(path)
     config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not config_file.is_file() or not weights.is_file():
@@ -353,4 +355,4 @@ def load_peft_dir(path: str | Path, cfg: LlamaConfig) -> tuple[LoraConfig, Param
                               targets=tuple(module_to_target[m] for m in modules))
     except (KeyError, ValueError) as e:
         raise FormatError(f"{config_file}: {e}") from None
-    return lora_cfg, lora_from_peft(load_file(weights), cfg, lora_cfg)
+    return lora_cfg, lora_from_peft(_read_safetensors(weights), cfg, lora_cfg)

@@ -19,8 +19,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import gguf
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from transformers import AutoTokenizer
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
 from reclm_jax import assets
-from reclm_jax.llm.hf_io import FormatError
+from reclm_jax.core.errors import FormatError
 
 # Llama-2-chat's prompt format: "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>" per turn.
 LLAMA2_CHAT_TEMPLATE = (
@@ -52,8 +57,6 @@ _END_OF_TURN = ("<|im_end|>",)
 
 def load_tokenizer(name_or_path: str | Path) -> Any:
     """A transformers tokenizer for a named tokenizer (see NAMED), a .gguf file or an HF tokenizer directory."""
-    from transformers import AutoTokenizer
-
     name = str(name_or_path)
     if name in NAMED:
         cached = cached_path(name)
@@ -77,9 +80,6 @@ def cached_path(name: str) -> Path:
 
 def tokenizer_from_gguf(path: str | Path) -> Any:
     """Build the tokenizer stored in a GGUF file's metadata (SentencePiece 'llama' or byte-level BPE 'gpt2')."""
-    import gguf
-    from transformers import AutoTokenizer
-
     path = Path(path)
     reader = gguf.GGUFReader(path)
     field = reader.fields.get("tokenizer.ggml.model")
@@ -100,9 +100,6 @@ def _sentencepiece_bpe_tokenizer(reader: Any) -> Any:
     (transformers' own conversion gets such cases wrong). The normalizer is Llama's: a dummy-prefix space
     before each text segment and spaces as "▁"; characters outside the vocabulary fall back to bytes.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
     def field(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
         if f is None and default is None:

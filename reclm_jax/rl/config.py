@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from reclm_jax.data.config import DataConfig
-from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
+from reclm_jax.llm.config import LoraConfig
 from reclm_jax.rl.rewards import RewardOptions
 from reclm_jax.sft.config import ModelConfig
 from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.training.loop import CheckpointConfig
 
 
 @dataclass(frozen=True)
@@ -27,22 +28,6 @@ class ModelSection(ModelConfig):
     weights come from the PPO `seed`), plus the SFT adapter to merge."""
 
     sft_adapter: str | None = None  # a PEFT adapter directory (the SFT LoRA), merged into `base` once at load
-
-
-@dataclass(frozen=True)
-class AdapterSection:
-    """A LoRA adapter of the RL stage (its own defaults: r 4, alpha 2, no dropout)."""
-
-    rank: int = 4
-    alpha: float = 2.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = LAYER_TARGETS
-
-    def __post_init__(self):
-        self.lora()  # validates
-
-    def lora(self) -> LoraConfig:
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
 
 
 @dataclass(frozen=True)
@@ -132,12 +117,10 @@ class PPOHyper:
 class TrainSection:
     steps: int = 1000  # PPO steps (one rollout batch and its update each)
     log_every: int = 1
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
     data_parallel: int | None = None  # devices on the batch axis of the mesh (None: all devices)
 
     def __post_init__(self):
-        for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.data_parallel is not None and self.data_parallel < 1:
@@ -151,14 +134,16 @@ class PPOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0  # adapters, value head, random base weights, sampling, minibatch order
     model: ModelSection = field(default_factory=ModelSection)
-    actor_lora: AdapterSection = field(default_factory=AdapterSection)
-    critic_lora: AdapterSection = field(default_factory=AdapterSection)
+    # the RL stage's adapters: r 4, alpha 2 (the paper), no dropout (see the module docstring)
+    actor_lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=4, alpha=2.0, dropout=0.0))
+    critic_lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=4, alpha=2.0, dropout=0.0))
     value_head_width: int = 64  # Linear(h, 64) -> GELU -> Linear(64, 1)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardOptions = field(default_factory=RewardOptions)  # rewards.item_level=false: Ours_v3
     ppo: PPOHyper = field(default_factory=PPOHyper)
     prompts: PromptSection = field(default_factory=PromptSection)
     train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
 
     def __post_init__(self):
         if self.value_head_width < 1:

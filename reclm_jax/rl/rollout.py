@@ -1,17 +1,17 @@
 """Rollouts: sample responses with the policy, score them with the paper's rule rewards on the host, and build
 the per-token batch that `update.ppo_update` trains on.
 
-    prompts = prompts_from_samples(samples, tokenizer, max_prompt_tokens)     # tasks' RL samples -> token ids
-    gen = sample(base, actor_lora, prompts, key, model_cfg=..., actor_cfg=..., rollout=..., stop_ids=..., pad_id=...)
+    prompts = prompts_from_samples(samples, policy, max_prompt_tokens)     # tasks' RL samples -> token ids
+    gen = sample(base, actor_lora, prompts, key, model_cfg=..., actor_cfg=..., rollout=..., policy=...)
     scores, stats = scorer.score(prompts, gen.tokens, gen.lengths, responses_per_prompt)
-    batch = build_batch(prompts, gen, scores, responses_per_prompt, pad_id)
+    batch = build_batch(prompts, gen, scores, responses_per_prompt, policy.pad_id)
 
 Sampling runs the jitted KV-cache sampler on the policy (base + actor LoRA) at the configured temperature,
 `responses_per_prompt` independent draws per prompt (rows r * n ... r * n + n - 1 belong to prompt r), and keeps
 each sampled token's log-probability under the policy itself (temperature 1): the PPO ratio's denominator.
 
-Scoring decodes each response from its sampled ids, parses the items (`eval.parse`, title spans), asks the
-teacher for the ranks of all known items of the batch in one batched call, computes R_item and 10 x R_list
+Scoring decodes each response from its sampled ids (`ChatPolicy.decode`, as evaluation does), parses the
+items (`eval.parse`, title spans), asks the teacher for the ranks of all known items of the batch in one batched call, computes R_item and 10 x R_list
 (`rewards.batch_rewards`) and puts them on the sampled tokens (`placement`). The text is never re-rendered or
 re-encoded (the official code trains on a re-rendered copy of the parsed list): the policy is trained on
 exactly what it sampled, so format errors (bad numbering, chatter, unknown titles) carry their penalty.
@@ -21,16 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import jax
 import numpy as np
 
+from reclm_jax.core.controls import Control
 from reclm_jax.eval import metrics
-from reclm_jax.eval.controls import Control
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.llm import sampling
+from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.rl.config import RolloutConfig
 from reclm_jax.rl.placement import place_rewards
@@ -53,28 +53,20 @@ class Prompt:
     category: int = -1  # the control's category C (-1: none, for I0)
 
 
-def prompts_from_samples(samples: Sequence[Any], tokenizer: Any, max_prompt_tokens: int) -> list[Prompt]:
-    """`tasks` RL samples -> Prompts, rendered with the tokenizer's chat template as SFT renders them."""
-    from reclm_jax.tasks.tokenize import prompt_ids
-
-    return [Prompt(tokens=tuple(prompt_ids(s, tokenizer, max_prompt_tokens)), history=tuple(s.history),
+def prompts_from_samples(samples: Sequence[Any], policy: ChatPolicy, max_prompt_tokens: int) -> list[Prompt]:
+    """`tasks` RL samples -> Prompts, rendered with the chat template as SFT renders them."""
+    return [Prompt(tokens=tuple(policy.prompt_ids(s.messages, max_prompt_tokens)), history=tuple(s.history),
                    target=s.target, k=s.k, control=s.control or Control("seq"), category=s.category)
             for s in samples]
 
 
 def sample(base, actor, prompts: Sequence[Prompt], key: jax.Array, *, model_cfg: LlamaConfig,
-           actor_cfg: LoraConfig, rollout: RolloutConfig, stop_ids: Sequence[int],
-           pad_id: int) -> sampling.GenerationResult:
+           actor_cfg: LoraConfig, rollout: RolloutConfig, policy: ChatPolicy) -> sampling.GenerationResult:
     """`rollout.responses_per_prompt` sampled responses per prompt from the policy (base + actor LoRA)."""
     rows = [list(p.tokens) for p in prompts for _ in range(rollout.responses_per_prompt)]
     return sampling.generate(base, model_cfg, rows, max_new_tokens=rollout.max_new_tokens,
                              temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p, rng=key,
-                             eos_ids=stop_ids, pad_id=pad_id, lora=actor, lora_cfg=actor_cfg)
-
-
-def decoder(tokenizer: Any):
-    """The one decode function of the RL stage: special tokens dropped, spaces left exactly as sampled."""
-    return partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                             eos_ids=policy.stop_ids, pad_id=policy.pad_id, lora=actor, lora_cfg=actor_cfg)
 
 
 class Scorer:

@@ -1,6 +1,6 @@
 """One PPO update as a single jitted function over a rollout batch (the math is `ppo_math`'s).
 
-    state = init_state(key, base, model_cfg, cfg)              # adapters + value head + optimiser state
+    state = init_state(key, base, model_cfg, cfg)              # a TrainState: adapters + value head, optimiser
     state, metrics = ppo_update(base, state, batch, key, model_cfg=..., actor_cfg=..., critic_cfg=..., hyper=...)
 
 Three models share one copy of the frozen base weights `base` (the SFT-merged model):
@@ -43,6 +43,7 @@ from reclm_jax.llm import model
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.rl import critic, ppo_math as pm
 from reclm_jax.rl.config import PPOConfig, PPOHyper
+from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
 BATCH_KEYS = ("tokens", "attention_mask", "response_mask", "logprobs", "scores")
@@ -55,15 +56,15 @@ def optimizer(hyper: PPOHyper) -> optax.GradientTransformation:
     )
 
 
-def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOConfig) -> Params:
+def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOConfig) -> TrainState:
     """Fresh actor LoRA, critic LoRA and value head (the trained parameters), their optimiser state, step 0."""
     k_actor, k_critic, k_head = jax.random.split(key, 3)
     trainable = {
-        "actor": lora_lib.init(k_actor, base, model_cfg, cfg.actor_lora.lora()),
-        "critic": {"lora": lora_lib.init(k_critic, base, model_cfg, cfg.critic_lora.lora()),
+        "actor": lora_lib.init(k_actor, base, model_cfg, cfg.actor_lora),
+        "critic": {"lora": lora_lib.init(k_critic, base, model_cfg, cfg.critic_lora),
                    "head": critic.init_head(k_head, model_cfg.hidden_size, cfg.value_head_width)},
     }
-    return {"params": trainable, "opt": optimizer(cfg.ppo).init(trainable), "step": jnp.zeros((), jnp.int32)}
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer(cfg.ppo).init(trainable))
 
 
 def _response_forward(base, model_cfg, tokens, attention_mask, adapter, adapter_cfg, response_len, rng=None):
@@ -142,8 +143,8 @@ def minibatch_loss(trainable, base, mb, rng, *, model_cfg, actor_cfg, critic_cfg
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper"),
                    donate_argnames=("state",))
-def ppo_update(base: Params, state: Params, batch: dict[str, jax.Array], key: jax.Array, *, model_cfg: LlamaConfig,
-               actor_cfg: LoraConfig, critic_cfg: LoraConfig, hyper: PPOHyper) -> tuple[Params, dict[str, jax.Array]]:
+def ppo_update(base: Params, state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, model_cfg: LlamaConfig,
+               actor_cfg: LoraConfig, critic_cfg: LoraConfig, hyper: PPOHyper) -> tuple[TrainState, dict[str, jax.Array]]:
     """One PPO step on a rollout batch; see the module docstring. Returns the new state and scalar metrics."""
     batch = {k: batch[k] for k in BATCH_KEYS}
     n = batch["tokens"].shape[0]
@@ -151,7 +152,7 @@ def ppo_update(base: Params, state: Params, batch: dict[str, jax.Array], key: ja
     if n % m:
         raise ValueError(f"ppo_update: {n} sequences do not divide into {m} minibatches")
     mask = batch["response_mask"]
-    trainable = state["params"]
+    trainable = state.params
     scored = score_batch(base, trainable, batch, model_cfg=model_cfg, actor_cfg=actor_cfg, critic_cfg=critic_cfg,
                          chunks=m, policy=hyper.recompute_logprobs)
     if hyper.recompute_logprobs:
@@ -190,7 +191,7 @@ def ppo_update(base: Params, state: Params, batch: dict[str, jax.Array], key: ja
         mbs = jax.tree.map(lambda x: _chunk(x[perm], m), data)
         return jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(mb_key, m)))
 
-    (trainable, opt_state, _), stats = jax.lax.scan(epoch, (trainable, state["opt"], jnp.bool_(False)),
+    (trainable, opt_state, _), stats = jax.lax.scan(epoch, (trainable, state.opt_state, jnp.bool_(False)),
                                                     jax.random.split(key, hyper.epochs))
     evaluated = jnp.maximum(stats["evaluated"].sum(), 1.0)
     metrics = {name: v.sum() / evaluated for name, v in stats.items() if name not in ("evaluated", "applied")}
@@ -202,4 +203,4 @@ def ppo_update(base: Params, state: Params, batch: dict[str, jax.Array], key: ja
         "value_mean": pm.masked_mean(values, mask),
         "return_mean": pm.masked_mean(returns, mask),
     }
-    return {"params": trainable, "opt": opt_state, "step": state["step"] + 1}, metrics
+    return TrainState(state.step + 1, trainable, opt_state), metrics

@@ -12,50 +12,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from reclm_jax.data.config import DataConfig
-from reclm_jax.llm.config import DTYPES, LAYER_TARGETS, PRESETS, REMAT_POLICIES, LoraConfig
+from reclm_jax.llm.config import LoraConfig, ModelConfig
 from reclm_jax.llm.sharding import MeshConfig
 from reclm_jax.tasks.config import TaskConfig
-
-Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    # A model with weights (a preset with embedded weights such as "smollm2-135m", a .gguf file or a Hugging
-    # Face directory), or with random_init a `reclm_jax.llm.config.PRESETS` name (smoke runs and tests).
-    base: str = "smollm2-135m"
-    random_init: bool = False  # random base weights from train.seed; vocab_size becomes the tokenizer's
-    tokenizer: str = "smollm2-135m"  # see `reclm_jax.llm.tokenizer.load_tokenizer`
-    param_dtype: Dtype = "float32"  # storage of the frozen base ("bfloat16" halves its memory)
-    compute_dtype: Dtype = "float32"  # "bfloat16" on accelerators; the loss and the adapter stay float32
-    remat: Literal["none", "full", "dots"] = "none"  # gradient checkpointing of each decoder layer
-
-    def __post_init__(self):
-        if self.random_init and self.base not in PRESETS:
-            raise ValueError(f"model.base {self.base!r} must be one of {sorted(PRESETS)} with model.random_init")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """LoRA on all linear layers, r 16, alpha 8, dropout 0.1 (the paper)."""
-
-    rank: int = 16
-    alpha: float = 8.0
-    dropout: float = 0.1
-    targets: tuple[str, ...] = LAYER_TARGETS
-    seed: int = 0  # initial `a` matrices
-
-    def lora_config(self) -> LoraConfig:
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
-
-    def __post_init__(self):
-        self.lora_config()  # validates
-
+from reclm_jax.training.loop import CheckpointConfig
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -83,7 +43,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0  # LoRA dropout masks (and random base weights)
+    seed: int = 0  # the adapter's initial `a` matrices, LoRA dropout masks (and random base weights)
     global_batch: int = 64  # samples per optimiser step over all processes (the paper)
     # samples per forward/backward on each process (over all its devices); gradients accumulate to global_batch
     micro_batch: int = 8
@@ -96,19 +56,6 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"train.steps must be >= 1 or null, got {self.steps}")
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every: int = 200  # steps between checkpoints (and one at the end)
-    keep_last: int = 3
-    async_save: bool = True
-    best_metric: str = "seqrec/NDCG@K"  # validation metric that picks the best checkpoint
-    best_mode: Literal["max", "min"] = "max"
-
-    def __post_init__(self):
-        if self.every < 1 or self.keep_last < 1:
-            raise ValueError("checkpoint.every and checkpoint.keep_last must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -134,9 +81,10 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tasks: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: AdapterConfig = field(default_factory=AdapterConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r 16, alpha 8, dropout 0.1 on every linear layer (the paper)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # the best adapter by validation (checkpoints/best) is what `valid` picks; the exported adapter is the last
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(best_metric="seqrec/NDCG@K"))
     valid: ValidConfig = field(default_factory=ValidConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)  # (data, fsdp, tensor) and multi-host start-up

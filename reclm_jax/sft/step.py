@@ -1,9 +1,7 @@
 """The SFT loss, optimiser and jitted train step (pure functions; the loop is in `trainer.py`).
 
 Only the LoRA adapter is trained: the base parameters are an argument the gradient is not taken for.
-Train state (a pytree, checkpointed as it is):
-
-    {"step": int32 scalar (optimiser steps done), "lora": adapter pytree (float32), "opt_state": optax state}
+Train state: a `TrainState` whose params are the adapter (float32), checkpointed as it is.
 
 Gradient accumulation is an explicit `lax.scan` over micro-batches inside the one jitted step (rather than
 `optax.MultiSteps`): every call is one optimiser step on one global batch, so the step counter, the learning
@@ -27,6 +25,7 @@ import optax
 from reclm_jax.llm import model
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.sft.config import OptimConfig
+from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
@@ -89,8 +88,8 @@ def optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformatio
     )
 
 
-def init_state(lora: Params, tx: optax.GradientTransformation) -> Params:
-    return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": tx.init(lora)}
+def init_state(lora: Params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), lora, tx.init(lora))
 
 
 def split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
@@ -105,36 +104,36 @@ def split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]
     return {k: split(batch[k]) for k in BATCH_KEYS}
 
 
-def train_step(state: Params, params: Params, batch: dict[str, jax.Array], dropout_key: jax.Array, *,
+def train_step(state: TrainState, params: Params, batch: dict[str, jax.Array], dropout_key: jax.Array, *,
                cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, accum: int,
-               response_len: int, lr: optax.Schedule | None = None) -> tuple[Params, dict[str, jax.Array]]:
+               response_len: int, lr: optax.Schedule | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on `batch` ([B, T] arrays, B = accum x micro-batch) whose responses have at most
     `response_len` tokens. Dropout masks come from `dropout_key` folded with the step and micro-batch index,
     so a resumed run draws the same masks. `lr`, the optimiser's schedule, only adds the step's learning
     rate to the metrics."""
-    step_key = jax.random.fold_in(dropout_key, state["step"])
+    step_key = jax.random.fold_in(dropout_key, state.step)
     grad_fn = jax.value_and_grad(functools.partial(batch_loss, cfg=cfg, lora_cfg=lora_cfg,
                                                     response_len=response_len))
 
     def micro_step(grads, xs):
         micro, i = xs
-        loss, g = grad_fn(state["lora"], params, micro, jax.random.fold_in(step_key, i))
+        loss, g = grad_fn(state.params, params, micro, jax.random.fold_in(step_key, i))
         return jax.tree.map(jnp.add, grads, g), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, state["lora"])
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, losses = jax.lax.scan(micro_step, zeros, (split_micro(batch, accum), jnp.arange(accum)))
     # Equal-size micro-batches: the mean of their per-sample means is the global batch's.
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss = losses.mean()
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["lora"])
-    new = {"step": state["step"] + 1, "lora": optax.apply_updates(state["lora"], updates), "opt_state": opt_state}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                "tokens": batch["attention_mask"].sum(), "response_tokens": batch["loss_mask"].sum()}
     if lr is not None:
-        metrics["lr"] = lr(state["step"])
+        metrics["lr"] = lr(state.step)
     return new, metrics
 
 

@@ -1,17 +1,14 @@
-"""The SFT loop: batches -> jitted steps, logging, checkpoints, validation, automatic resume.
+"""The SFT stage: the adapter's jitted step and the instruction batches, run by the one training loop.
 
     run(cfg)                   # everything from an SFTConfig (what `reclm-jax sft` calls)
-    train(run_setup, ...)      # the loop over prepared pieces (tests drive it with a random tiny model)
+    train(run_setup, cfg)      # the loop over prepared pieces (tests drive it with a random tiny model)
 
-Resuming: when `<out_dir>/checkpoints/last` holds a checkpoint, the train state and the input iterator's
-position are restored from it and training continues at the next step; the following steps see exactly
-the batches they would have seen (the data stream is a deterministic function of the seed, and dropout
-masks are derived from the seed and the step). A run killed at any moment (kill -9 included) is resumed
-by starting the same command again.
+Resuming, checkpoints, logging and the NaN guard are `training.loop`'s. Dropout masks are derived from the
+seed and the step, and the data stream is a deterministic function of the seed, so a resumed run sees
+exactly the batches and masks the uninterrupted one would have.
 
-Output directory: config.yaml, log.jsonl and tensorboard/ (`run_log`), checkpoints/last and checkpoints/best
-(`checkpointing`), valid/answers-<step>.jsonl (every validation answer), adapter/ (the final adapter in PEFT
-format).
+Output directory: config.yaml, log.jsonl, tensorboard/, checkpoints/{last,best} (`training.loop`),
+valid/answers-<step>.jsonl (every validation answer), adapter/ (the final adapter in PEFT format).
 """
 
 from __future__ import annotations
@@ -28,22 +25,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reclm_jax import config as config_lib
-from reclm_jax.checkpointing import Checkpointer, abstract
-from reclm_jax.llm import sharding
+from reclm_jax.core.errors import UserError
+from reclm_jax.data.load import load_dataset
+from reclm_jax.eval.parse import Catalogue
+from reclm_jax.llm import hf_io, lora as lora_lib, sharding
+from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
-from reclm_jax.run_log import RunLog, peak_flops, train_flops_per_token
-from reclm_jax.sft import step as step_lib
+from reclm_jax.sft import step as step_lib, validation
 from reclm_jax.sft.config import SFTConfig
+from reclm_jax.tasks.batches import sft_batches
+from reclm_jax.tasks.encode import display_titles
+from reclm_jax.tasks.evaluation import build_eval_set
+from reclm_jax.tasks.samples import TaskContext
+from reclm_jax.tasks.sharegpt import read_sharegpt
+from reclm_jax.tasks.training import training_samples
+from reclm_jax.teacher.query import Teacher
+from reclm_jax.training import loop
+from reclm_jax.training.loop import Result, RunDir
+from reclm_jax.training.run_log import peak_flops
+from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
-CHECKPOINTS = "checkpoints"
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN/inf; the run stopped without saving the bad state."""
+# Config keys that may change when a run is resumed: they do not alter the steps already taken.
+MAY_CHANGE = ("train.steps", "train.peak_tflops", "valid", "checkpoint.every", "checkpoint.keep_last",
+              "checkpoint.async_save")
 
 
 @dataclass
@@ -66,7 +74,7 @@ class RunSetup:
 class Placement:
     """The train state and base parameters on the devices, their shardings, and how batches get there."""
 
-    state: Params
+    state: TrainState
     params: Params
     shardings: tuple[Any, Any, Any] | None  # (state, params, batch) for `jit_train_step`
     put_batch: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]
@@ -83,9 +91,8 @@ def place(mesh: Mesh | None, params: Params, lora: Params, tx: optax.GradientTra
     lora_sh = sharding.param_shardings(lora, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     shapes = jax.eval_shape(init, lora)
-    state_sh = {"step": replicated, "lora": lora_sh,
-                "opt_state": optax.tree_map_params(tx, lambda _, sh: sh, shapes["opt_state"], lora_sh,
-                                                   transform_non_params=lambda _: replicated)}
+    state_sh = TrainState(replicated, lora_sh, optax.tree_map_params(tx, lambda _, sh: sh, shapes.opt_state, lora_sh,
+                                                                     transform_non_params=lambda _: replicated))
     params_sh = sharding.param_shardings(params, mesh)
     batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in step_lib.BATCH_KEYS}
     return Placement(jax.jit(init, out_shardings=state_sh)(lora), jax.device_put(params, params_sh),
@@ -93,79 +100,35 @@ def place(mesh: Mesh | None, params: Params, lora: Params, tx: optax.GradientTra
                      lambda b: sharding.shard_batch({k: b[k] for k in step_lib.BATCH_KEYS}, mesh))
 
 
-def train(setup: RunSetup, cfg: SFTConfig, *, progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
-    """Train until setup.total_steps (or the data ends), resuming from cfg.out_dir if it holds a run.
-    `max_steps` stops after that many steps of this call (tests simulate an interruption with it).
-    Returns {"step", "losses" (of this call, by step), "valid" (the last validation), "best" (the best
-    checkpoint's info or None), "lora" (the final adapter)}."""
-    out = Path(cfg.out_dir)
+def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progress: bool = True,
+          max_steps: int | None = None) -> Result:
+    """Train until setup.total_steps (or the data ends) in the one loop (`training.loop.train`), resuming
+    the run in cfg.out_dir if it holds one (`run` defaults to RunDir(cfg.out_dir, cfg)). `max_steps` stops
+    after that many steps of this call (tests simulate an interruption with it)."""
+    run = run or RunDir(cfg.out_dir, cfg, may_change=MAY_CHANGE)
     tx = step_lib.optimizer(cfg.optim, setup.total_steps)
     placed = place(setup.mesh, setup.params, setup.lora, tx)
     train_step = step_lib.jit_train_step(setup.model_cfg, setup.lora_cfg, tx, setup.accum,
                                          cfg.tasks.max_response_tokens, placed.shardings,
                                          lr=step_lib.schedule(cfg.optim, setup.total_steps))
-    state, params = placed.state, placed.params
-    iterator = iter(setup.batches)
-    ckpt = Checkpointer(out / CHECKPOINTS, keep_last=cfg.checkpoint.keep_last, best_metric=cfg.checkpoint.best_metric,
-                        best_mode=cfg.checkpoint.best_mode, async_save=cfg.checkpoint.async_save)
-    start = ckpt.latest_step() or 0
-    saved: dict[str, Any] = {}
-    if start:
-        state, saved = ckpt.restore(abstract(state), data=iterator, step=start)
-    log = RunLog(out, setup.total_steps, start, progress=progress, peak=peak_flops(override=None if
-                 cfg.train.peak_tflops is None else cfg.train.peak_tflops * 1e12))
-    if start:
-        log.write(f"resumed from step {start} ({out / CHECKPOINTS})")
-        if saved.get("total_steps") != setup.total_steps:
-            log.write(f"warning: the run was started for {saved.get('total_steps')} steps, now {setup.total_steps}: "
-                      "the learning-rate schedule changes from here on")
     dropout_key = jax.random.key(cfg.train.seed)
-    losses: dict[int, float] = {}
-    last_valid: dict[str, float] = {}
-    step = start
-    try:
-        while step < setup.total_steps and (max_steps is None or step - start < max_steps):
-            try:
-                host_batch = next(iterator)
-            except StopIteration:
-                log.write(f"the data ended after step {step}")
-                break
-            state, metrics = train_step(state, params, placed.put_batch(host_batch), dropout_key)
-            metrics = jax.device_get(metrics)
-            if not metrics["finite"]:
-                ckpt.wait()
-                raise NonFiniteError(
-                    f"step {step + 1}: loss {float(metrics['loss'])} or gradient norm {float(metrics['grad_norm'])} "
-                    f"is not finite; the run stopped. The last good checkpoint is step {ckpt.latest_step()} in "
-                    f"{out / CHECKPOINTS} (lower optim.lr, check the data, or use float32 compute)")
-            step += 1
-            loss = float(metrics["loss"])
-            losses[step] = loss
-            padded = int(np.prod(host_batch["tokens"].shape)) * jax.process_count()
-            flops = train_flops_per_token(setup.model_cfg, host_batch["tokens"].shape[1]) * padded
-            scalars = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                       "lr": float(metrics["lr"]),
-                       "response_tokens": int(metrics["response_tokens"])}
-            log.step(step, scalars, tokens=int(metrics["tokens"]), flops=flops)
-            done = step >= setup.total_steps
-            if setup.validate is not None and cfg.valid.every and (step % cfg.valid.every == 0 or done):
-                last_valid = setup.validate(params, state["lora"], step)
-                log.scalars(step, {f"valid/{k}": v for k, v in last_valid.items()})
-                if cfg.checkpoint.best_metric in last_valid and ckpt.save_best(step, state["lora"], last_valid):
-                    log.write(f"step {step}: best {cfg.checkpoint.best_metric} = "
-                              f"{last_valid[cfg.checkpoint.best_metric]:.4f}")
-                log.pause()
-            if step % cfg.checkpoint.every == 0 or done:
-                ckpt.save(step, state, data=iterator, extra={"loss": loss, "total_steps": setup.total_steps})
-                log.pause()
-        if step > start and ckpt.latest_step() != step:
-            ckpt.save(step, state, data=iterator, extra={"loss": losses[step], "total_steps": setup.total_steps})
-        ckpt.wait()
-        return {"step": step, "losses": losses, "valid": last_valid, "best": ckpt.best_info(),
-                "lora": state["lora"]}
-    finally:
-        ckpt.close()
-        log.close()
+
+    def step(state: TrainState, host_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, Any]]:
+        state, metrics = train_step(state, placed.params, placed.put_batch(host_batch), dropout_key)
+        metrics = jax.device_get(metrics)
+        padded = int(np.prod(host_batch["tokens"].shape)) * jax.process_count()
+        return state, {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                       "lr": float(metrics["lr"]), "response_tokens": int(metrics["response_tokens"]),
+                       "finite": bool(metrics["finite"]), "tokens": int(metrics["tokens"]),
+                       "flops": setup.model_cfg.train_flops_per_token(host_batch["tokens"].shape[1]) * padded}
+
+    validate = None
+    if setup.validate is not None:
+        validate = lambda state, step: setup.validate(placed.params, state.params, step)  # noqa: E731
+    peak = peak_flops(override=None if cfg.train.peak_tflops is None else cfg.train.peak_tflops * 1e12)
+    return loop.train(run, placed.state, step, iter(setup.batches), total_steps=setup.total_steps,
+                      checkpoint=cfg.checkpoint, progress=progress, description="sft", valid_every=cfg.valid.every,
+                      validate=validate, peak_flops=peak, max_steps=max_steps)
 
 
 def epoch_steps(samples_per_epoch: int, cfg: SFTConfig) -> int:
@@ -189,53 +152,40 @@ def batch_sizes(cfg: SFTConfig) -> tuple[int, int]:
     return per_process, per_process // cfg.train.micro_batch
 
 
-def run(cfg: SFTConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Build everything from `cfg` and train (or resume) in cfg.out_dir."""
-    from reclm_jax.data.load import load_dataset
-    from jax.experimental import multihost_utils
+def check_inputs(cfg: SFTConfig) -> None:
+    """What can be checked before loading anything: the teacher directory, the ShareGPT file, the batch split."""
+    batch_sizes(cfg)
+    cfg.tasks.check_training()
+    if not Path(cfg.teacher).is_dir():
+        raise UserError(f"teacher={cfg.teacher!r} is not a directory: train one with `reclm-jax teacher train --out ...`")
+    if cfg.tasks.mixes_sharegpt and not Path(cfg.tasks.sharegpt_path).is_file():
+        raise UserError(f"tasks.sharegpt_path={cfg.tasks.sharegpt_path!r} is not a file")
 
-    from reclm_jax.eval.parse import Catalogue
-    from reclm_jax.llm import hf_io, lora as lora_lib, model as model_lib, sampling
-    from reclm_jax.llm.config import PRESETS
-    from reclm_jax.llm.tokenizer import load_tokenizer, stop_token_ids
-    from reclm_jax.sft import validation
-    from reclm_jax.tasks.evaluation import build_eval_set
-    from reclm_jax.tasks.pipeline import pad_id, sft_batches
-    from reclm_jax.tasks.samples import TaskContext
-    from reclm_jax.tasks.sharegpt import read_sharegpt
-    from reclm_jax.tasks.tokenize import display_titles
-    from reclm_jax.tasks.training import training_samples
-    from reclm_jax.teacher.query import Teacher
 
+def run(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Result:
+    """Build everything from `cfg` and train (or resume) in cfg.out_dir; the adapter goes to <out_dir>/adapter.
+    The run directory and the inputs are checked before anything is loaded or created."""
+    run_dir = RunDir(cfg.out_dir, cfg, resume=resume, may_change=MAY_CHANGE)
+    check_inputs(cfg)
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.make_mesh(cfg.mesh)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        config_lib.dump(cfg, out / "config.yaml")
     per_process, accum = batch_sizes(cfg)
     tasks_cfg = replace(cfg.tasks, batch_size=per_process)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    dtypes = {"param_dtype": cfg.model.param_dtype, "compute_dtype": cfg.model.compute_dtype,
-              "remat": cfg.model.remat}
-    if cfg.model.random_init:
-        model_cfg = PRESETS[cfg.model.base].replace(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                                    **dtypes)
-        params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.key(cfg.train.seed), model_cfg)
-    else:
-        model_cfg, params = hf_io.load_pretrained(cfg.model.base, **dtypes)
-    lora_cfg = cfg.lora.lora_config()
-    lora = lora_lib.init(jax.random.key(cfg.lora.seed), params, model_cfg, lora_cfg)
+    policy = ChatPolicy.load(cfg.model.tokenizer)
+    model_cfg, params = hf_io.load_model(cfg.model, policy.tokenizer, cfg.train.seed)
+    lora_cfg = cfg.lora
+    lora = lora_lib.init(jax.random.key(cfg.train.seed), params, model_cfg, lora_cfg)
 
     dataset = load_dataset(cfg.data)
     teacher = Teacher.load(cfg.teacher)
-    titles = display_titles(dataset.titles, tokenizer, tasks_cfg.max_title_tokens)
+    titles = display_titles(dataset.titles, policy, tasks_cfg.max_title_tokens)
     ctx = TaskContext(dataset, teacher, tasks_cfg, titles=titles)
-    conversations = read_sharegpt(tasks_cfg.sharegpt_path) if tasks_cfg.sharegpt_path else None
+    conversations = read_sharegpt(tasks_cfg.sharegpt_path) if tasks_cfg.mixes_sharegpt else None
     # Memoised: epoch 0, built to count the steps, is reused by the pipeline.
     build_epoch = functools.lru_cache(maxsize=1)(lambda epoch: training_samples(ctx, epoch, conversations))
     steps = cfg.train.steps if cfg.train.steps is not None else epoch_steps(len(build_epoch(0)), cfg)
+    out = run_dir.path
 
     validate = None
     if cfg.valid.every:
@@ -246,11 +196,11 @@ def run(cfg: SFTConfig, *, progress: bool = True) -> dict[str, Any]:
         max_prompt = min(tasks_cfg.max_length, model_cfg.max_position_embeddings) - cfg.valid.max_new_tokens
 
         def validate(placed_params: Params, adapter: Params, step: int) -> dict[str, float]:
-            generate = lambda prompts, **kw: sampling.generate(placed_params, model_cfg, prompts,  # noqa: E731
-                                                               lora=adapter, lora_cfg=lora_cfg, **kw)
-            answer = validation.greedy_answer(generate, tokenizer, cfg.valid.batch_size, cfg.valid.max_new_tokens,
-                                              stop_token_ids(tokenizer), pad_id(tokenizer))
-            metrics, answers = validation.evaluate(eval_set, answer, tokenizer, catalogue, dataset.category_matrix,
+            def answer(prompts):
+                return policy.answer(placed_params, model_cfg, prompts, max_new_tokens=cfg.valid.max_new_tokens,
+                                     batch_size=cfg.valid.batch_size, lora=adapter, lora_cfg=lora_cfg)
+
+            metrics, answers = validation.evaluate(eval_set, answer, policy, catalogue, dataset.category_matrix,
                                                    max_prompt)
             if jax.process_index() == 0:  # the answers, to read what the model writes
                 (out / "valid").mkdir(exist_ok=True)
@@ -262,10 +212,10 @@ def run(cfg: SFTConfig, *, progress: bool = True) -> dict[str, Any]:
             return metrics
 
     setup = RunSetup(model_cfg=model_cfg, lora_cfg=lora_cfg, params=params, lora=lora,
-                     batches=sft_batches(build_epoch, tokenizer, tasks_cfg), total_steps=steps, accum=accum,
+                     batches=sft_batches(build_epoch, policy, tasks_cfg), total_steps=steps, accum=accum,
                      validate=validate, mesh=mesh)
-    result = train(setup, cfg, progress=progress)
-    adapter = multihost_utils.process_allgather(result["lora"], tiled=True)  # every host takes part
+    result = train(setup, cfg, run=run_dir, progress=progress)
+    adapter = multihost_utils.process_allgather(result.state.params, tiled=True)  # every host takes part
     if jax.process_index() == 0:
         hf_io.save_peft_dir(out / "adapter", adapter, model_cfg, lora_cfg, base_model_name_or_path=cfg.model.base)
     return result

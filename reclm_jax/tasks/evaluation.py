@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reclm_jax.eval.controls import Control
+from reclm_jax.core.controls import Control
 from reclm_jax.tasks import labels as L
 from reclm_jax.tasks.samples import SEQ, Example, Request, Sample, TaskContext, render, split_example
 from reclm_jax.tasks.training import task_rng

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from reclm_jax.eval.controls import quota
+from reclm_jax.core.controls import quota
 
 
 def fill(head: list[int], ranked, k: int, banned) -> list[int]:

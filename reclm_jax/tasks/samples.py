@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 
 from reclm_jax.data.schema import Dataset
-from reclm_jax.eval.controls import PROPORTION_KINDS, Control
+from reclm_jax.core.controls import PROPORTION_KINDS, Control
 from reclm_jax.tasks import labels as L
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.templates import Templates, load_templates

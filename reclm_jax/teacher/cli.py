@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from reclm_jax import config as config_lib
+from reclm_jax.core.errors import UserError
 from reclm_jax.data.cli import add_dataset_args, dataset_from_args
+from reclm_jax.teacher import checkpoint
+from reclm_jax.teacher.config import TeacherConfig
+from reclm_jax.teacher.evaluate import evaluate
+from reclm_jax.teacher.query import Teacher
+from reclm_jax.teacher.train import train_teacher
 
 
 def register(sub) -> None:
@@ -30,11 +38,6 @@ def register(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from reclm_jax import config as config_lib
-    from reclm_jax.cli import UserError
-    from reclm_jax.teacher.config import TeacherConfig
-    from reclm_jax.teacher.train import train_teacher
-
     cfg = config_lib.load(TeacherConfig, args.config, args.overrides)
     dataset = dataset_from_args(args)
     try:
@@ -46,13 +49,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from reclm_jax.cli import UserError
-    from reclm_jax.teacher import checkpoint
-    from reclm_jax.teacher.evaluate import evaluate
-    from reclm_jax.teacher.query import Teacher
-
     path = Path(args.teacher)
     try:
         _, info = checkpoint.read_info(path)

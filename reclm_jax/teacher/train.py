@@ -1,28 +1,32 @@
-"""Train the SASRec teacher: optax Adam, early stopping on valid NDCG@10 (full ranking), orbax checkpoints."""
+"""Train the SASRec teacher in the one training loop: optax Adam, early stopping on valid NDCG@10 (full
+ranking), the loop's orbax checkpoints (`teacher.checkpoint` describes the directory)."""
 
 from __future__ import annotations
 
 import functools
 import json
-import time
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from tqdm import tqdm
 
-from reclm_jax import config as config_lib
-from reclm_jax.data.schema import DataError, Dataset
+from reclm_jax.core.errors import DataError, RunError
+from reclm_jax.data.schema import Dataset
 from reclm_jax.teacher import checkpoint
 from reclm_jax.teacher.batches import epoch_batches, training_windows
+from reclm_jax.teacher.checkpoint import SELECT
 from reclm_jax.teacher.config import TeacherConfig
 from reclm_jax.teacher.evaluate import FULL, evaluate, evaluate_split
 from reclm_jax.teacher.query import Teacher, build_model
+from reclm_jax.training import loop
+from reclm_jax.training.loop import LOG, CheckpointConfig, RunDir
+from reclm_jax.training.state import TrainState
 
-SELECT = "NDCG@10"
-RESUMABLE_CHANGES = ("max_epochs", "patience", "eval_every")
+# A run may be resumed with a changed stopping schedule: it never alters the training trajectory.
+RESUMABLE_CHANGES = ("train.max_epochs", "train.patience", "train.eval_every")
 
 
 def softmax_loss(logits, targets, mask):
@@ -58,79 +62,102 @@ def train_step(graphdef, tx, loss, params, opt_state, batch, key):
     return optax.apply_updates(params, updates), opt_state, value
 
 
-def _check_resumable(out_dir: Path, cfg: TeacherConfig, dataset: Dataset) -> None:
-    """A run may be resumed with the same config and dataset; only the stopping schedule may change
-    (train.max_epochs, train.patience, train.eval_every), since it never alters the training trajectory."""
-    try:
-        old_cfg, info = checkpoint.read_info(out_dir)
-    except FileNotFoundError:
-        return
-    old, new = config_lib.to_dict(old_cfg), config_lib.to_dict(cfg)
-    for key in RESUMABLE_CHANGES:
-        old["train"].pop(key), new["train"].pop(key)
-    if old != new or info["dataset"] != dataset.name or info["num_items"] != dataset.num_items:
-        raise ValueError(f"{out_dir} holds a teacher run with another config or dataset; "
-                         "choose a new output directory or pass resume=False (--no-resume)")
+class EpochBatches(grain.DatasetIterator):
+    """The training batches of epochs 1, 2, ... in order (`batches.epoch_batches`), each with its (epoch,
+    index) for the dropout key; its state {"epoch", "index"} is what a checkpoint stores."""
+
+    def __init__(self, dataset: Dataset, windows, cfg: TeacherConfig):
+        super().__init__()
+        self.dataset, self.windows, self.cfg = dataset, windows, cfg
+        self.epoch, self.index, self._batches = 1, 0, None
+
+    def _epoch(self):
+        if self._batches is None:
+            t = self.cfg.train
+            self._batches = epoch_batches(self.dataset, self.windows, cfg=self.cfg.model, batch_size=t.batch_size,
+                                          negatives=t.loss == "bce", seed=self.cfg.seed, epoch=self.epoch)
+        return self._batches
+
+    def __len__(self) -> int:  # batches per epoch (the same every epoch)
+        return len(self._epoch())
+
+    def __next__(self) -> dict:
+        batches = self._epoch()
+        if self.index >= len(batches):
+            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
+            batches = self._epoch()
+        batch = {**batches[self.index], "epoch": self.epoch, "index": self.index}
+        self.index += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._batches = int(state["epoch"]), int(state["index"]), None
 
 
 def train_teacher(dataset: Dataset, cfg: TeacherConfig, out_dir: str | Path, *, resume: bool = True,
-                  progress: bool = True) -> Teacher:
-    """Train (or resume) a teacher in `out_dir`, evaluate its best epoch in both protocols, and return it."""
+                  progress: bool = True, max_steps: int | None = None) -> Teacher:
+    """Train (or resume) a teacher in `out_dir` in the one training loop: a step per batch, validation (valid
+    NDCG@10, full ranking) every train.eval_every epochs picks the best parameters and stops after
+    train.patience evaluations without improvement. Then evaluate the best in both protocols and return it.
+    `max_steps` stops after that many steps of this call (how tests interrupt a run)."""
     out_dir = Path(out_dir)
+    run = RunDir(out_dir, cfg, resume=resume, may_change=RESUMABLE_CHANGES)
+    if resume and run.has_run:
+        _, info = checkpoint.read_info(out_dir)
+        if info["dataset"] != dataset.name or info["num_items"] != dataset.num_items:
+            raise RunError(f"{out_dir} holds a teacher of dataset {info['dataset']} ({info['num_items']} items), not "
+                           f"{dataset.name} ({dataset.num_items}); choose a new --out, or pass --no-resume")
     n = dataset.num_items
     windows = training_windows(dataset, cfg.model.max_len)
     if not windows:
         raise DataError(f"{dataset.name}: no user has two training items, nothing to train on")
-    if resume:
-        _check_resumable(out_dir, cfg, dataset)
-    checkpoint.write_info(out_dir, cfg, n, dataset.name)
 
     graphdef, state = nnx.split(build_model(cfg, n))
     params = nnx.to_pure_dict(state)
-    tx = make_optimizer(cfg.train.lr, cfg.train.adam_b1, cfg.train.adam_b2)
-    opt_state = tx.init(params)
-    prog = {"epoch": 0, "best": None, "best_epoch": None, "bad_evals": 0, "stopped_early": False, "log": []}
-    restored = checkpoint.load_state(out_dir, params, opt_state) if resume else None
-    if restored is not None:
-        params, opt_state, prog = restored
-        if progress:
-            tqdm.write(f"resuming {out_dir} after epoch {prog['epoch']}")
-
     t = cfg.train
+    tx = make_optimizer(t.lr, t.adam_b1, t.adam_b2)
     key = jax.random.key(cfg.seed)
-    for epoch in range(prog["epoch"] + 1, t.max_epochs + 1):
-        if prog["stopped_early"]:
-            break
-        start = time.perf_counter()
-        batches = epoch_batches(dataset, windows, cfg=cfg.model, batch_size=t.batch_size,
-                                negatives=t.loss == "bce", seed=cfg.seed, epoch=epoch)
-        losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
-        for i, batch in enumerate(bar):
-            step_key = jax.random.fold_in(jax.random.fold_in(key, epoch), i)
-            params, opt_state, loss = train_step(graphdef, tx, t.loss, params, opt_state, batch, step_key)
-            losses.append(loss)
-            if i % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-        entry = {"epoch": epoch, "loss": float(jnp.mean(jnp.stack(losses))),
-                 "time_s": round(time.perf_counter() - start, 3)}
-        if epoch % t.eval_every == 0 or epoch == t.max_epochs:
-            score = evaluate_split(Teacher(cfg, n, params), dataset, "valid")[FULL][SELECT]
-            entry[f"valid_{SELECT}"] = score
-            if prog["best"] is None or score > prog["best"]:
-                prog.update(best=score, best_epoch=epoch, bad_evals=0)
-                checkpoint.save_best(out_dir, epoch, params)
-            else:
-                prog["bad_evals"] += 1
-            prog["stopped_early"] = prog["bad_evals"] >= t.patience
-        prog["epoch"] = epoch
-        prog["log"].append(entry)
-        checkpoint.save_state(out_dir, epoch, params, opt_state, prog)
-        if progress:
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step_key = jax.random.fold_in(jax.random.fold_in(key, batch.pop("epoch")), batch.pop("index"))
+        params, opt_state, loss = train_step(graphdef, tx, t.loss, state.params, state.opt_state, batch, step_key)
+        return TrainState(state.step + 1, params, opt_state), {"loss": float(loss)}
+
+    def validate(state: TrainState, step: int) -> dict[str, float]:
+        return {SELECT: evaluate_split(Teacher(cfg, n, state.params), dataset, "valid")[FULL][SELECT]}
+
+    batches = EpochBatches(dataset, windows, cfg)
+    per_epoch = len(batches)
+    run.start()
+    checkpoint.write_info(out_dir, cfg, n, dataset.name)
+    result = loop.train(run, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), step, batches,
+                        total_steps=t.max_epochs * per_epoch, description="teacher", progress=progress,
+                        checkpoint=CheckpointConfig(every=per_epoch, keep_last=2, best_metric=SELECT),
+                        valid_every=t.eval_every * per_epoch, validate=validate, patience=t.patience,
+                        max_steps=max_steps)
 
     teacher = Teacher.load(out_dir)
-    metrics = {"dataset": dataset.name, "best_epoch": prog["best_epoch"], f"best_valid_{SELECT}": prog["best"],
-               "selection": f"valid {SELECT}, {FULL}", "eval": evaluate(teacher, dataset), "epochs": prog["log"]}
+    best = result.best or {}
+    metrics = {"dataset": dataset.name, "best_epoch": best.get("step", 0) // per_epoch,
+               f"best_valid_{SELECT}": best.get("value"), "selection": f"valid {SELECT}, {FULL}",
+               "eval": evaluate(teacher, dataset), "epochs": epoch_log(out_dir / LOG, per_epoch)}
     (out_dir / checkpoint.METRICS).write_text(json.dumps(metrics, indent=1))
     return teacher
+
+
+def epoch_log(path: Path, per_epoch: int) -> list[dict]:
+    """Per epoch: the mean training loss and the validation score, from the run's log.jsonl."""
+    losses: dict[int, list[float]] = {}
+    valid: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        epoch = (record["step"] - 1) // per_epoch + 1
+        if "loss" in record:
+            losses.setdefault(epoch, []).append(record["loss"])
+        if f"valid/{SELECT}" in record:
+            valid[epoch] = record[f"valid/{SELECT}"]
+    return [{"epoch": e, "loss": sum(values) / len(values), **({f"valid_{SELECT}": valid[e]} if e in valid else {})}
+            for e, values in sorted(losses.items())]

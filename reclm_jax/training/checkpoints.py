@@ -3,14 +3,16 @@
     <directory>/last/<step>/state   the train-state pytree (trainable params, optimiser state, step, ...)
                            /data    the input iterator's state, one JSON file per process (grain's handler)
                            /extra   any JSON (config, progress counters)
-    <directory>/best/<step>/params  the trainable params of the best validation so far
+    <directory>/best/<step>/params  the trainable params of the best validation so far (only with a best_metric)
                            /extra   {"metric": name, "value": v, "metrics": {...}, ...}
 
-Both SFT and PPO use it: `state` is any pytree of arrays, `data` any grain `DatasetIterator`.
+The training loop (`training.loop`) is its one user: `state` is any pytree of arrays, `data` any grain
+`DatasetIterator`.
 Saves are asynchronous (arrays are copied off the device, then written in the background; the next save,
 `wait()` and `close()` block until the previous one is on disk). Orbax writes each step into a temporary
 folder and renames it when complete, so a run killed mid-save (kill -9) leaves the previous checkpoint
-as the latest one and the unfinished folder is ignored and cleaned up on the next start.
+as the latest one and the unfinished folder is ignored and cleaned up on the next start. A checkpoint damaged
+afterwards (a deleted or corrupted file) fails to restore: `restore_newest` then falls back to the one before.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Literal
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from reclm_jax.core.errors import RunError
 
 LAST, BEST = "last", "best"
 
@@ -55,7 +59,7 @@ class Checkpointer:
         self.directory = Path(directory)
         self.best_metric, self.best_mode = best_metric, best_mode
         self._last = _manager(self.directory / LAST, ("state", "data", "extra"), keep_last, async_save)
-        self._best = _manager(self.directory / BEST, ("params", "extra"), 1, async_save)
+        self._best = _manager(self.directory / BEST, ("params", "extra"), 1, async_save) if best_metric else None
         best = self.best_info()
         self.best_value = best["value"] if best else None
 
@@ -84,6 +88,23 @@ class Checkpointer:
         out = self._last.restore(step, args=ocp.args.Composite(**args))
         return out["state"], out["extra"]
 
+    def restore_newest(self, abstract_state: Any, *, data: grain.DatasetIterator | None = None
+                       ) -> tuple[Any, dict[str, Any], int, list[str]]:
+        """(state, extra, step, warnings) of the newest checkpoint that restores: a damaged one is named in the
+        warnings and the one before it tried. Raises RunError when none restores."""
+        warnings: list[str] = []
+        for step in sorted(self._last.all_steps(), reverse=True):
+            try:
+                state, extra = self.restore(abstract_state, data=data, step=step)
+                if warnings:
+                    warnings.append(f"resuming from step {step} instead")
+                return state, extra, step, warnings
+            except Exception as e:  # orbax and tensorstore raise many types for a damaged or mismatched file
+                warnings.append(f"checkpoint step {step} in {self.directory / LAST} cannot be restored "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        raise RunError("; ".join(warnings) + " - no checkpoint is left to resume from; pass --no-resume to "
+                       "start afresh")
+
     # ---- best by validation
     def improves(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -94,7 +115,7 @@ class Checkpointer:
 
     def save_best(self, step: int, params: Any, metrics: dict[str, float], extra: dict[str, Any] | None = None) -> bool:
         """Save `params` as the best if `metrics[best_metric]` beats the best so far; returns whether it did."""
-        if self.best_metric is None:
+        if self._best is None:
             raise ValueError("save_best needs the Checkpointer's best_metric")
         if self.best_metric not in metrics:
             raise KeyError(f"checkpoint best_metric {self.best_metric!r} is not among the validation metrics "
@@ -109,13 +130,13 @@ class Checkpointer:
         return True
 
     def best_info(self) -> dict[str, Any] | None:
-        step = self._best.latest_step()
+        step = None if self._best is None else self._best.latest_step()
         if step is None:
             return None
         return self._best.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
 
     def restore_best(self, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
-        step = self._best.latest_step()
+        step = None if self._best is None else self._best.latest_step()
         if step is None:
             raise FileNotFoundError(f"no best checkpoint under {self.directory / BEST}")
         out = self._best.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
@@ -124,12 +145,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
-        self._last.wait_until_finished()
-        self._best.wait_until_finished()
+        for manager in (self._last, self._best):
+            if manager is not None:
+                manager.wait_until_finished()
 
     def close(self) -> None:
-        self._last.close()
-        self._best.close()
+        for manager in (self._last, self._best):
+            if manager is not None:
+                manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

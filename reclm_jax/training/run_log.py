@@ -5,7 +5,8 @@
     log.scalars(step, {"valid/seqrec/NDCG@K": 0.1})                      # anything else (validation)
     log.close()
 
-`<out_dir>/log.jsonl` gets one JSON object per call ({"step", "time", **scalars}); TensorBoard event files go
+`<out_dir>/log.jsonl` gets one JSON object per call ({"step", "time", **scalars}); a run resumed at step s
+first drops the records after s (it writes those steps again), so every step appears once; TensorBoard event files go
 to `<out_dir>/tensorboard`. Only process 0 writes (every process must still call, with the same values).
 Per step, throughput is measured between consecutive `step` calls (the first step after a (re)start includes
 compilation and is not reported): tokens/s in total and per device, and the model FLOP utilisation
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
-from reclm_jax.llm.config import LlamaConfig
 
 # Peak dense bf16 FLOP/s per device by `jax.Device.device_kind` (the vendors' data sheets, no sparsity).
 PEAK_FLOPS = {
@@ -53,15 +55,6 @@ def peak_flops(device: Any = None, override: float | None = None) -> float | Non
     return PEAK_FLOPS.get(kind)
 
 
-def train_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x parameters (forward 2, backward 4) plus causal attention's score and
-    value products, 6 x 2 x layers x heads x head_dim x seq_len (the PaLM/MaxText convention, not halved for
-    the causal mask). With LoRA the backward skips the frozen weights' gradients (about 2 x parameters
-    fewer), so this is the full fine-tuning cost, comparable across projects."""
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    return 6 * cfg.num_params + attention
-
-
 class RunLog:
     """Progress bar + JSONL + TensorBoard for one run (see the module docstring)."""
 
@@ -76,13 +69,15 @@ class RunLog:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._file = (out / "log.jsonl").open("a")
-        from tensorboardX import SummaryWriter
+        path = out / "log.jsonl"
+        if path.is_file():  # a resumed run writes the steps after its checkpoint again: keep each step once
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = path.open("a")
 
         self._writer = SummaryWriter(str(out / "tensorboard"))
         if progress:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, desc=description, dynamic_ncols=True)
 
     def step(self, step: int, scalars: Mapping[str, float], *, tokens: int, flops: float | None = None) -> dict:

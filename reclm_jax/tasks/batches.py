@@ -10,7 +10,7 @@
   sample, so the training step compiles for a few shapes only.
 
 A batch is a dict of numpy arrays [batch_size, bucket]:
-  tokens     int32  token ids (padding: the tokenizer's pad id, else EOS)
+  tokens     int32  token ids (padding: the `ChatPolicy`'s pad id)
   positions  int32  0, 1, ... along each sample (0 on padding)
   attention_mask bool  real tokens
   loss_mask  bool   tokens that are response tokens (the answer and its EOS): the loss is on predicting
@@ -24,14 +24,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
-from reclm_jax.llm.tokenizer import stop_token_ids
+from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.tasks.encode import encode_samples
 from reclm_jax.tasks.samples import Sample
-from reclm_jax.tasks.sharegpt import read_sharegpt
-from reclm_jax.tasks.tokenize import encode_samples, task_context
-from reclm_jax.tasks.training import training_samples
 
 
 class _EpochIterator(grain.DatasetIterator):
@@ -107,37 +106,18 @@ def collate(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], pad_i
     return out
 
 
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def sft_batches(build_epoch: Callable[[int], list[Sample]], tokenizer, cfg: TaskConfig,
+def sft_batches(build_epoch: Callable[[int], list[Sample]], policy: ChatPolicy, cfg: TaskConfig,
                 shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
     """Batches of cfg.batch_size samples per process (an incomplete last batch is dropped), tokenised a
     batch at a time and prepared cfg.prefetch batches ahead in a thread. Shards default to
     jax.process_index() / jax.process_count()."""
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
-    stop_ids = frozenset(stop_token_ids(tokenizer))
-    pad = pad_id(tokenizer)
 
     def encode_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
-        rows = encode_samples(list(samples), tokenizer, cfg.max_length, cfg.max_response_tokens, stop_ids)
-        return collate(rows, cfg.buckets, pad)
+        rows = encode_samples(list(samples), policy, cfg.max_length, cfg.max_response_tokens)
+        return collate(rows, cfg.buckets, policy.pad_id)
 
     ds = EpochSamples(build_epoch, cfg.num_epochs, shard_index, shard_count).batch(
         cfg.batch_size, drop_remainder=True, batch_fn=encode_batch)
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch) if cfg.prefetch else ds
-
-
-def sl_batches(dataset, teacher, tokenizer, cfg: TaskConfig, shard_index: int | None = None,
-               shard_count: int | None = None) -> grain.IterDataset:
-    """The SL stage's input: cfg's training tasks over `dataset` with titles cut to cfg.max_title_tokens
-    (use the same `display_titles` when parsing the model's answers), ShareGPT read from cfg.sharegpt_path."""
-    cfg.check_training()
-    ctx = task_context(dataset, teacher, cfg, tokenizer)
-    conversations = read_sharegpt(cfg.sharegpt_path) if cfg.mixes_sharegpt else None
-    return sft_batches(lambda epoch: training_samples(ctx, epoch, conversations), tokenizer, cfg,
-                       shard_index, shard_count)
