@@ -99,3 +99,20 @@ def test_kill_9_during_saves_leaves_a_restorable_latest_checkpoint(tmp_path):
         restored, _ = ckpt.restore(abstract({"step": jnp.int32(0), "x": jnp.zeros(4_000_000, jnp.float32)}))
     assert int(restored["step"]) == step
     np.testing.assert_array_equal(restored["x"][:3], np.arange(3) + step)
+
+
+@pytest.mark.parametrize("damage", ["truncate the largest data file", "delete _METADATA"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_restored(tmp_path, damage):
+    with Checkpointer(tmp_path, keep_last=2, async_save=False) as ckpt:
+        ckpt.save(1, state(1))
+        ckpt.save(2, state(2))
+    step_dir = tmp_path / "last" / "2" / "state"
+    if damage.startswith("truncate"):
+        big = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    else:
+        (step_dir / "_METADATA").unlink()
+    with Checkpointer(tmp_path, keep_last=2) as ckpt:
+        restored, _, step, warnings = ckpt.restore_newest(abstract(state(0)))
+    assert step == 1 and int(restored["step"]) == 1
+    assert "checkpoint step 2" in warnings[0] and warnings[-1] == "resuming from step 1 instead"
