@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,10 @@ from reclm_jax import assets
 from reclm_jax.core.controls import Control
 from reclm_jax.eval.metrics import evaluate_batch
 from reclm_jax.eval.parse import Catalogue
-from reclm_jax.rl.rewards import batch_rewards, sample_rewards
+from reclm_jax.rl.rewards import batch_rewards
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from reference_rewards import sample_rewards  # noqa: E402  (the per-sample loop it is compared with)
 
 BATCH, K = 512, 10
 CONTROLS = [Control("seq"), Control("+c"), Control("-c"), Control("<=", 0.2), Control(">=", 0.3), Control("~", 0.3)]

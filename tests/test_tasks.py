@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference_metrics import cpa
 from tasks_helpers import tiny_dataset, tiny_teacher
 
 from reclm_jax.core.controls import Control
-from reclm_jax.eval.metrics import cpa
 from reclm_jax.tasks import labels as L
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.evaluation import TEST_TASKS, VALID_TASKS, build_eval_set
