@@ -73,6 +73,7 @@ class RunDir:
         if resume and self.has_run and (self.path / CONFIG).is_file():
             old = _flatten(yaml.safe_load((self.path / CONFIG).read_text()) or {})
             new = _flatten(config_lib.to_dict(cfg))
+            may_change = ("out_dir", *may_change)  # a run directory may be moved or copied
             changed = sorted(k for k in old.keys() | new.keys()
                              if old.get(k) != new.get(k) and not any(k == m or k.startswith(m + ".") for m in may_change))
             if changed:
