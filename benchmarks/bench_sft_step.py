@@ -1,10 +1,18 @@
-"""One SFT micro-step of SmolLM2-135M (float32) on this CPU: where its time goes, all variants in one run.
+"""One SFT micro-step of SmolLM2-135M on this CPU: step variants timed in one run, interleaved.
 
-Compares the step's loss with vocabulary logits at the response positions only (what `sft.step` does) against
-logits at every position (`model.token_logprobs`, the previous loss), and LoRA settings: the paper's (all
-linear layers, r 16, dropout 0.1), no dropout (the CPU demo), attention layers only. Shapes: `--batch` rows of
-`--length` tokens whose last `--response` tokens are the answer (the demo's SL samples: about 290 tokens, 110
-of them answer). Median of `--repeats` steps after one compiling step.
+Variants (`--variants`, default `f32 bf16-matmul`):
+  f32            today's step: float32 weights and compute
+  bf16-matmul    bfloat16-stored base weights, the weight products on bfloat16 inputs with float32
+                 accumulation (`LlamaConfig.matmul_dtype`), everything else and the LoRA path in float32
+  f32-bf16-matmul  the same products from float32-stored weights (converted inside every step)
+  bf16           bfloat16 weights and compute (`compute_dtype`)
+  all-positions  float32 with vocabulary logits at every position (the loss before issue 9)
+  dropout        float32 with LoRA dropout 0.1 (the paper's setting)
+All use LoRA r 16 on every linear layer. Shapes: `--batch` rows of `--length` tokens whose last `--response`
+tokens are the answer (the demo's SL samples: about 290 tokens, 110 of them answer). After one compiling
+call per variant, `--repeats` rounds each time every variant once (A B A B ...), so a shared, loaded
+machine slows all alike; the median per variant is reported. `--profile DIR` instead traces one step per
+variant and prints its 15 costliest XLA ops (trace in DIR, open with xprof/TensorBoard).
 
     python benchmarks/bench_sft_step.py [--batch 8] [--length 320] [--response 110] [--repeats 3]
 """
@@ -12,7 +20,15 @@ of them answer). Median of `--repeats` steps after one compiling step.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import time
 from dataclasses import replace
 
 import jax
@@ -24,7 +40,8 @@ from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import OptimConfig
-from timing import timed
+
+MATMUL_F32_GFLOPS = 390  # this CPU's float32 matrix-product rate (shared/notes/assets.md)
 
 
 def all_position_loss(lora, params, batch, dropout_rng, *, cfg, lora_cfg, response_len):
@@ -35,47 +52,113 @@ def all_position_loss(lora, params, batch, dropout_rng, *, cfg, lora_cfg, respon
     return step_lib.response_loss(logprobs, batch["loss_mask"][:, 1:])[0]
 
 
+def step_flops(cfg, b: int, t: int, response: int, lora_rank: int) -> float:
+    """Matrix-product FLOPs of one step: forward and input-gradient products of every weight (frozen base:
+    no weight gradients), attention scores and mixing (forward x 3), LoRA (forward x 3), vocabulary logits
+    at the response positions (forward x 2: no embedding gradient)."""
+    d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    weights = d * dh * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
+    lora = lora_rank * (4 * d + dh * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * (d + f))
+    attention = 2 * t * cfg.num_heads * dh
+    per_token = cfg.num_layers * (2 * 2 * weights + 3 * 2 * lora + 3 * 2 * attention)
+    return b * t * per_token + 2 * 2 * b * response * d * cfg.vocab_size
+
+
+def profile(name: str, fn, out_dir: str) -> None:
+    """Trace one call of `fn` and print its costliest XLA ops (names as in the compiled HLO)."""
+    trace_dir = os.path.join(out_dir, name)
+    jax.profiler.start_trace(trace_dir)
+    fn()
+    jax.profiler.stop_trace()
+    events = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/plugins/profile/*/*.trace.json.gz"))[-1]))
+    wrappers = re.compile(r"ThunkExecutor|\.py:|Pjit|SlinkyThreadPool|DevicePut|Transpose|H2D|Execute")
+    total, count = collections.Counter(), collections.Counter()
+    for e in events["traceEvents"]:
+        if e.get("ph") == "X" and not wrappers.search(e["name"]):
+            total[e["name"]] += e["dur"]
+            count[e["name"]] += 1
+    everything = sum(total.values())
+    kinds = collections.Counter()
+    for op, us in total.items():
+        kinds[re.sub(r"\.\d+$", "", op)] += us
+    print(f"\n{name}: {everything / 1e6:.2f} s in XLA ops; by kind: "
+          + ", ".join(f"{k} {100 * v / everything:.0f} %" for k, v in kinds.most_common(6)))
+    for op, us in total.most_common(15):
+        print(f"  {us / 1e6:7.3f} s  {100 * us / everything:4.1f} %  x{count[op]:<3d} {op}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=320)
     parser.add_argument("--response", type=int, default=110)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=["f32", "bf16-matmul"])
+    parser.add_argument("--profile", metavar="DIR")
     args = parser.parse_args()
 
     cfg, params = hf_io.load_pretrained("smollm2-135m")
     params = jax.device_put(params)
+    bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     b, t = args.batch, args.length
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
     loss_mask = np.zeros((b, t), bool)
     loss_mask[:, t - args.response:] = True
     batch = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.ones((b, t), bool), "loss_mask": jnp.asarray(loss_mask)}
-    paper = LoraConfig(rank=16, alpha=8.0, dropout=0.1, targets=LAYER_TARGETS)
-    variants = [
-        ("paper LoRA, logits at every position", paper, all_position_loss),
-        ("paper LoRA, logits at response positions", paper, step_lib.batch_loss),
-        ("no dropout, logits at response positions", replace(paper, dropout=0.0), step_lib.batch_loss),
-        ("attention-only LoRA, no dropout, response positions", replace(paper, dropout=0.0, targets=("q", "k", "v", "o")),
-         step_lib.batch_loss),
-    ]
-    print(f"SmolLM2-135M float32, micro-batch {b} x {t} tokens ({args.response} answer tokens per row), "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    print("| variant | ms per micro-step | tokens/s | vs the first |")
-    print("|---|---:|---:|---:|")
-    base = None
-    for name, lora_cfg, loss_fn in variants:
+    lora_cfg = LoraConfig(rank=16, alpha=8.0, dropout=0.0, targets=LAYER_TARGETS)
+    bf16 = dict(param_dtype="bfloat16", compute_dtype="bfloat16")
+    known = {  # name: (model config, LoRA config, loss, base weights)
+        "f32": (cfg, lora_cfg, step_lib.batch_loss, params),
+        "bf16-matmul": (cfg.replace(param_dtype="bfloat16", matmul_dtype="bfloat16"), lora_cfg,
+                        step_lib.batch_loss, bf16_params),
+        "f32-bf16-matmul": (cfg.replace(matmul_dtype="bfloat16"), lora_cfg, step_lib.batch_loss, params),
+        "bf16": (cfg.replace(**bf16), lora_cfg, step_lib.batch_loss, bf16_params),
+        "all-positions": (cfg, lora_cfg, all_position_loss, params),
+        "dropout": (cfg, replace(lora_cfg, dropout=0.1), step_lib.batch_loss, params),
+    }
+    for name in args.variants:
+        if name not in known:
+            parser.error(f"--variants: unknown variant {name!r}; known: {', '.join(known)}")
+
+    steps = {}
+    for name in args.variants:
+        vcfg, vlora, loss_fn, vparams = known[name]
         tx = step_lib.optimizer(OptimConfig(), 100)
-        state = step_lib.init_state(lora_lib.init(jax.random.key(0), params, cfg, lora_cfg), tx)
+        state = step_lib.init_state(lora_lib.init(jax.random.key(0), params, cfg, vlora), tx)
         step_lib_loss, step_lib.batch_loss = step_lib.batch_loss, loss_fn  # the step looks the loss up by name
         try:
-            fn = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, lora_cfg=lora_cfg, tx=tx, accum=1,
+            fn = jax.jit(functools.partial(step_lib.train_step, cfg=vcfg, lora_cfg=vlora, tx=tx, accum=1,
                                            response_len=args.response))
-            _, seconds = timed(lambda: jax.block_until_ready(fn(state, params, batch, jax.random.key(1))),
-                               args.repeats)
+            compiled = fn.lower(state, vparams, batch, jax.random.key(1)).compile()
         finally:
             step_lib.batch_loss = step_lib_loss
-        base = base or seconds
-        print(f"| {name} | {seconds * 1e3:.0f} | {b * t / seconds:.0f} | {base / seconds:.2f}x |", flush=True)
+        steps[name] = functools.partial(lambda c, s, p: jax.block_until_ready(c(s, p, batch, jax.random.key(1))),
+                                        compiled, state, vparams)
+        steps[name]()  # warm-up
+    if args.profile:
+        for name, run in steps.items():
+            profile(name, run, args.profile)
+        return
+
+    times = collections.defaultdict(list)
+    for _ in range(args.repeats):
+        for name, run in steps.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    flops = step_flops(cfg, b, t, args.response, lora_cfg.rank)
+    print(f"SmolLM2-135M, micro-batch {b} x {t} tokens ({args.response} answer tokens per row), LoRA r 16 on "
+          f"every linear layer, no dropout; {flops / 1e12:.2f} TFLOP of matrix products per step; jax "
+          f"{jax.__version__} on {jax.devices()[0].device_kind}; load average {os.getloadavg()[0]:.1f}; "
+          f"median of {args.repeats} interleaved rounds")
+    print(f"| variant | s per step (runs) | tokens/s | vs {args.variants[0]} | of {MATMUL_F32_GFLOPS} GFLOP/s f32 |")
+    print("|---|---:|---:|---:|---:|")
+    base = statistics.median(times[args.variants[0]])
+    for name in args.variants:
+        s = statistics.median(times[name])
+        runs = ", ".join(f"{x:.1f}" for x in times[name])
+        print(f"| {name} | {s:.2f} ({runs}) | {b * t / s:.0f} | {base / s:.2f}x | "
+              f"{100 * flops / s / 1e9 / MATMUL_F32_GFLOPS:.0f} % |", flush=True)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,37 @@ def test_lora_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoraConfig(**kwargs)
     assert LoraConfig(rank=16, alpha=8.0).scale == 0.5
+
+
+def _bf16(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def test_mixed_dot_forward_and_backward_use_bf16_inputs_by_hand():
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x, w = jax.random.normal(kx, (2, 5, 8)), jax.random.normal(kw, (8, 6))
+    g = jax.random.normal(kg, (2, 5, 6))
+    y, vjp = jax.vjp(lambda x, w: lora_lib.mixed_dot(x, w, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)), x, w)
+    dx, dw = vjp(g)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    np.testing.assert_allclose(y, _bf16(x) @ _bf16(w), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, _bf16(g) @ _bf16(w).T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dw, np.einsum("btk,btn->kn", _bf16(x), _bf16(g)), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_matmul_dtype_stays_close_to_float32_and_trains_the_float32_adapter(params, batch):
+    tokens, positions, mask = batch
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=LORA_TARGETS)
+    lora = lora_lib.init(jax.random.key(1), params, CFG, lora_cfg)
+    lora = jax.tree.map(lambda a: a + 0.05, lora)  # non-zero b: the adapter changes the output
+
+    def loss(lora, cfg):
+        logits, _, _ = forward(params, cfg, tokens, positions, attention_mask=mask, lora=lora, lora_cfg=lora_cfg)
+        return jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0).mean()
+
+    mixed = CFG.replace(matmul_dtype="bfloat16")
+    (l32, g32), (l16, g16) = (jax.value_and_grad(loss)(lora, c) for c in (CFG, mixed))
+    assert abs(float(l16 - l32)) < 1e-2 * abs(float(l32))
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
+        assert b.dtype == jnp.float32
+        assert float(jnp.linalg.norm(a - b)) < 0.05 * float(jnp.linalg.norm(a)) + 1e-6

@@ -2,8 +2,11 @@
 
 `LlamaConfig` holds the architecture (read from / written to a Hugging Face `config.json` with `from_hf` /
 `to_hf`) plus three execution switches that do not change the maths: `param_dtype` (storage of the weights),
-`compute_dtype` (activations and matrix products; logits are always float32) and `remat` (gradient
-checkpointing of the scanned decoder layer: "none", "full" or "dots" = keep matrix-product outputs).
+`compute_dtype` (activations and matrix products; logits are always float32), `matmul_dtype` (None = the
+compute dtype; "bfloat16" feeds the weight matrix products bfloat16 inputs with float32 accumulation and
+outputs in the compute dtype, forward and backward, while norms, attention and LoRA stay in the compute dtype)
+and `remat` (gradient checkpointing of the scanned decoder layer: "none", "full" or "dots" = keep
+matrix-product outputs).
 Both configs are frozen (hashable), so they are passed to jitted functions as static arguments.
 """
 
@@ -37,6 +40,7 @@ class LlamaConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    matmul_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -51,6 +55,8 @@ class LlamaConfig:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"LlamaConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.matmul_dtype is not None and self.matmul_dtype not in DTYPES:
+            raise ValueError(f"LlamaConfig.matmul_dtype must be None or one of {DTYPES}, got {self.matmul_dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"LlamaConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 

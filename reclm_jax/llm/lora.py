@@ -10,11 +10,12 @@ PEFT's `lora_A.weight` [r, in] is `a.T` and `lora_B.weight` [out, r] is `b.T`.
 
     init(key, params, cfg, lora_cfg) -> lora
     merge(params, lora, lora_cfg) -> params      # base weights with the adapter folded in
-    linear(x, w, adapter, lora_cfg, dropout_rng, out_dtype=None)   # used by model.forward
+    linear(x, w, adapter, lora_cfg, dropout_rng, out_dtype=None, matmul_dtype=None)   # used by model.forward
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -76,10 +77,41 @@ def merge(params: Params, lora: Params, lora_cfg: LoraConfig) -> Params:
     return merged
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def mixed_dot(x: jax.Array, w: jax.Array, dtype: Any, out_dtype: Any) -> jax.Array:
+    """`x @ w` [..., K] x [K, N] from inputs cast to `dtype`, accumulated in float32, returned in `out_dtype`.
+
+    The backward products take `dtype` inputs too: JAX's own rule would multiply the float32 cotangent by a
+    float32 copy of `w`, i.e. run the backward at the float32 rate and convert the weights on every step.
+    """
+    return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _mixed_dot_fwd(x, w, dtype, out_dtype):
+    return mixed_dot(x, w, dtype, out_dtype), (x, w)
+
+
+def _mixed_dot_bwd(dtype, out_dtype, res, g):
+    x, w = res
+    g = g.astype(dtype)
+    dx = jnp.dot(g, w.astype(dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)
+    lead = tuple(range(x.ndim - 1))  # dw is dropped by XLA where w is frozen (the LoRA base weights)
+    dw = jnp.tensordot(x.astype(dtype), g, (lead, lead), preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+
+
 def linear(x: jax.Array, w: jax.Array, adapter: Params | None, lora_cfg: LoraConfig | None,
-           dropout_rng: jax.Array | None, out_dtype: Any = None) -> jax.Array:
-    """`x @ w` (+ the LoRA path when `adapter` is given); `out_dtype` defaults to x's dtype."""
-    y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=out_dtype)
+           dropout_rng: jax.Array | None, out_dtype: Any = None, matmul_dtype: Any = None) -> jax.Array:
+    """`x @ w` (+ the LoRA path when `adapter` is given); `out_dtype` defaults to x's dtype. `matmul_dtype`
+    (None = x's dtype) is the input dtype of the `x @ w` product only (`mixed_dot`); the low-rank path stays
+    in x's dtype, so the adapter's gradients keep its precision."""
+    if matmul_dtype is None or jnp.dtype(matmul_dtype) == x.dtype:
+        y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=out_dtype)
+    else:
+        y = mixed_dot(x, w, jnp.dtype(matmul_dtype), jnp.dtype(out_dtype or x.dtype))
     if adapter is None:
         return y
     if dropout_rng is not None and lora_cfg.dropout > 0:

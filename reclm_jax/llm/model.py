@@ -133,7 +133,8 @@ def _decoder_layer(cfg: LlamaConfig, lora_cfg: LoraConfig | None, h, layer, adap
 
     def linear(name, x):
         return lora_lib.linear(x, layer[name], adapter.get(name), lora_cfg,
-                               None if rng is None else jax.random.fold_in(rng, lora_lib.target_index(name)))
+                               None if rng is None else jax.random.fold_in(rng, lora_lib.target_index(name)),
+                               matmul_dtype=cfg.matmul_dtype)
 
     x = rms_norm(h, layer["attn_norm"], cfg.rms_norm_eps)
     q = linear("q", x).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -223,7 +224,8 @@ def lm_logits(params: Params, cfg: LlamaConfig, hidden: jax.Array, lora: Params 
     """Float32 logits [..., V] from final hidden states (tied: the transposed embedding)."""
     kernel = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     adapter = None if lora is None else lora.get("lm_head")
-    return lora_lib.linear(hidden, kernel, adapter, lora_cfg, dropout_rng, out_dtype=jnp.float32)
+    return lora_lib.linear(hidden, kernel, adapter, lora_cfg, dropout_rng, out_dtype=jnp.float32,
+                           matmul_dtype=cfg.matmul_dtype)
 
 
 def token_logprobs(
