@@ -11,7 +11,8 @@ import pytest
 from reclm_jax.data.load import load_dataset
 from reclm_jax.eval.controls import quota
 from reclm_jax.eval.parse import parse_items
-from reclm_jax.llm import constrain, model, sampling
+from reclm_jax.llm import automaton
+from reclm_jax.llm import model, sampling
 from reclm_jax.llm.config import PRESETS
 from reclm_jax.llm.tokenizer import load_tokenizer, stop_token_ids
 from reclm_jax.tasks.templates import load_templates
@@ -32,10 +33,10 @@ def _random_intent(rng, cats, k):
     c1, c2 = (int(c) for c in rng.choice(n, 2, replace=False))
     kind = rng.choice(["none", "+c", "-c", "<=", ">=", "~", "+c&-c", "<=&-c"])
     m = float(rng.choice([0.0, 0.2, 0.3, 0.5, 1.0]))
-    return {"none": constrain.Intent(), "+c": constrain.Intent(include=(c1,)), "-c": constrain.Intent(exclude=(c1,)),
-            "<=": constrain.Intent(share=(c1, "<=", m)), ">=": constrain.Intent(share=(c1, ">=", m)),
-            "~": constrain.Intent(share=(c1, "~", m)), "+c&-c": constrain.Intent(include=(c1,), exclude=(c2,)),
-            "<=&-c": constrain.Intent(exclude=(c2,), share=(c1, "<=", 0.2))}[kind]
+    return {"none": automaton.Intent(), "+c": automaton.Intent(include=(c1,)), "-c": automaton.Intent(exclude=(c1,)),
+            "<=": automaton.Intent(share=(c1, "<=", m)), ">=": automaton.Intent(share=(c1, ">=", m)),
+            "~": automaton.Intent(share=(c1, "~", m)), "+c&-c": automaton.Intent(include=(c1,), exclude=(c2,)),
+            "<=&-c": automaton.Intent(exclude=(c2,), share=(c1, "<=", 0.2))}[kind]
 
 
 def _satisfies(intent, ids, cats, k):
@@ -55,7 +56,7 @@ def test_the_trained_answer_format_is_what_the_automaton_emits(ml100k, tokenizer
     from reclm_jax.tasks.samples import Sample
     from reclm_jax.tasks.tokenize import encode_sample
 
-    auto = constrain.catalogue_automaton(ml100k.titles, tokenizer)
+    auto = automaton.catalogue_automaton(ml100k.titles, tokenizer)
     items = [0, 49, 99, 180, 257, 312, 500, 1000, 1500, 1600, 1681]
     titles = [ml100k.titles[i] for i in items]
     sample = Sample("seqrec", (("user", "x"),), load_templates().response(titles))
@@ -71,7 +72,7 @@ def test_the_trained_answer_format_is_what_the_automaton_emits(ml100k, tokenizer
             child = [(t, c) for t, c in zip(auto.edge_token[lo:hi], auto.edge_child[lo:hi])
                      if auto.node_lo[c] <= position[item] < auto.node_hi[c]]
             (token, node), = child
-            if token == constrain.END:
+            if token == automaton.END:
                 break
             path.append(int(token))
         expected += path + (list(auto.join(n + 2)) if n + 1 < len(items) else [])
@@ -80,7 +81,7 @@ def test_the_trained_answer_format_is_what_the_automaton_emits(ml100k, tokenizer
 
 
 def test_random_model_answers_are_k_distinct_new_titles_that_follow_the_intent(ml100k, tokenizer):
-    auto = constrain.catalogue_automaton(ml100k.titles, tokenizer)
+    auto = automaton.catalogue_automaton(ml100k.titles, tokenizer)
     assert auto.dropped == {}
     cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=len(tokenizer), max_position_embeddings=4096)
     params = model.init_params(jax.random.key(0), cfg, std=0.3)
@@ -111,13 +112,28 @@ def test_random_model_answers_are_k_distinct_new_titles_that_follow_the_intent(m
             assert not set(ids) & set(histories[row]), text
             assert _satisfies(intents[row], ids, cats, k) or (reason and len(ids) < k), (intents[row], text)
             assert len(ids) == k if reason is None else len(ids) <= k, (k, reason, text)
+            if row < 4:  # the host walk (what the vLLM processor runs) allows every token the device loop drew
+                walker = automaton.Walker(rows, row)
+                for token in out.tokens[row, :out.lengths[row]].tolist():
+                    assert token in walker.allowed()
+                    walker.advance(token)
+                assert walker.count == len(ids)
             checked += 1
     assert checked == 256
 
 
+def test_saved_automaton_loads_without_the_tokenizer(ml100k, tokenizer, tmp_path):
+    auto = automaton.catalogue_automaton(ml100k.titles, tokenizer)
+    automaton.save_automaton(auto, tmp_path / "a.npz", max_lines=12)
+    back = automaton.load_automaton(tmp_path / "a.npz")
+    assert back.pieces(12) == auto.pieces(12) and np.array_equal(back.edge_token, auto.edge_token)
+    with pytest.raises(ValueError, match="at most 12 lines"):
+        back.join(13)
+
+
 def test_bad_catalogues_give_a_defined_result(tokenizer):
     titles = ["Heat", "Heat Wave", "Heat", "", "  ", "Two\nLines", "Alien"]
-    auto = constrain.catalogue_automaton(titles, tokenizer)
+    auto = automaton.catalogue_automaton(titles, tokenizer)
     assert sorted(auto.dropped.get("duplicate title", [])) == [2]
     assert sorted(auto.dropped["empty title"]) == [3, 4] and auto.dropped["line break in the title"] == [5]
     assert sorted(auto.items.tolist()) == [0, 1, 6]

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reclm_jax.llm import constrain, model
+from reclm_jax.llm.automaton import RowConstraints
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 
 Params = dict[str, Any]
@@ -187,7 +188,7 @@ def generate(
     pad_id: int = 0,
     lora: Params | None = None,
     lora_cfg: LoraConfig | None = None,
-    constraint: constrain.RowConstraints | None = None,
+    constraint: RowConstraints | None = None,
 ) -> GenerationResult:
     """Sample continuations of `prompts` (token id lists); see the module docstring. With `constraint` (one
     row per prompt), every answer follows its row's catalogue automaton (`llm.constrain`); `logprobs` are then
@@ -229,7 +230,7 @@ def generate(
         params, lora, cache, logits, jnp.asarray(mask.sum(1), jnp.int32), jnp.arange(batch) >= n,
         rng if rng is not None else jax.random.key(0), jnp.float32(temperature or 1.0), jnp.int32(top_k),
         jnp.float32(top_p), jnp.asarray(stop, jnp.int32), jnp.int32(max_new_tokens), jnp.int32(pad_id),
-        None if constraint is None else constraint.device(batch, cfg.vocab_size), cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
+        None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size), cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
     )
     out = jax.device_get({k: v for k, v in out.items() if k != "cache"})
     return GenerationResult(

@@ -42,13 +42,15 @@ def greedy_answer(generate: Callable[..., Any], tokenizer: Any, batch_size: int,
     """An `Answer` from `llm.sampling.generate` bound to a model (`generate(prompts, max_new_tokens=...,
     eos_ids=..., pad_id=...)`): greedy, in batches of similar prompt lengths, special tokens dropped."""
 
-    def answer(prompts: Sequence[Sequence[int]]) -> list[str]:
+    def answer(prompts: Sequence[Sequence[int]], constraint=None) -> list[str]:
+        # constraint: an `llm.constrain.RowConstraints` with one row per prompt (constrained decoding)
         order = np.argsort([len(p) for p in prompts], kind="stable")
         texts = [""] * len(prompts)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
+            extra = {} if constraint is None else {"constraint": constraint.select(rows)}
             result = generate([prompts[i] for i in rows], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                              pad_id=pad_id)
+                              pad_id=pad_id, **extra)
             for row, tokens, length in zip(rows, result.tokens, result.lengths):
                 texts[row] = tokenizer.decode(tokens[:length].tolist(), skip_special_tokens=True)
         return texts
