@@ -355,12 +355,16 @@ class Walker:
 _ARRAYS = ("items", "node_lo", "node_hi", "edge_start", "edge_token", "edge_child")
 
 
-def save_automaton(automaton: Automaton, path: str | Path, max_lines: int) -> None:
-    """Write the automaton (its joins for up to `max_lines` lines) to one .npz file that `load_automaton`
-    reads without a tokenizer (vLLM's process)."""
+def save_automaton(automaton: Automaton, path: str | Path, max_lines: int, categories: Sequence[str] = (),
+                   category_matrix: np.ndarray | None = None) -> None:
+    """Write the automaton (its joins for up to `max_lines` lines) and the catalogue's categories (names, and
+    bool [items, categories]) to one .npz file that `load_automaton` reads without a tokenizer (vLLM's process)."""
     meta = {"first_line": automaton.first_line, "final": automaton.final, "num_items": automaton.num_items,
-            "joins": {str(i): automaton.join(i) for i in range(2, max_lines + 1)}, "dropped": automaton.dropped}
-    np.savez(path, meta=np.asarray(json.dumps(meta)), **{k: getattr(automaton, k) for k in _ARRAYS})
+            "joins": {str(i): automaton.join(i) for i in range(2, max_lines + 1)}, "dropped": automaton.dropped,
+            "categories": list(categories)}
+    matrix = np.zeros((automaton.num_items, 0), bool) if category_matrix is None else np.asarray(category_matrix)
+    np.savez(path, meta=np.asarray(json.dumps(meta)), category_matrix=matrix,
+             **{k: getattr(automaton, k) for k in _ARRAYS})
 
 
 def load_automaton(path: str | Path) -> Automaton:
@@ -370,3 +374,9 @@ def load_automaton(path: str | Path) -> Automaton:
     return Automaton(**arrays, first_line=tuple(meta["first_line"]), final=tuple(meta["final"]),
                      joins={int(i): tuple(v) for i, v in meta["joins"].items()}, probe=None,
                      dropped=meta["dropped"], num_items=meta["num_items"])
+
+
+def load_categories(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """(category names, bool [items, categories]) saved beside an automaton."""
+    with np.load(path) as f:
+        return json.loads(str(f["meta"]))["categories"], f["category_matrix"]
