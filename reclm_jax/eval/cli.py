@@ -199,7 +199,7 @@ def _recommend(args) -> int:
     from reclm_jax.eval import evaluate as E
     from reclm_jax.eval.parse import Catalogue
     from reclm_jax.eval.recommend import IntentError, IntentSpec, fit_history, instruction
-    from reclm_jax.llm.constrain import Intent, catalogue_automaton
+    from reclm_jax.llm.automaton import Intent, catalogue_automaton
     from reclm_jax.llm.hf_io import FormatError
     from reclm_jax.llm.sampling import generate
     from reclm_jax.tasks.config import TaskConfig

@@ -157,7 +157,7 @@ class Constrain:
             raise ValueError(f"constrain mode {self.mode!r} is not one of {', '.join(CONSTRAIN_MODES[1:])}")
 
     def rows(self, tokenizer, samples: Sequence[Sample]):
-        from reclm_jax.llm.constrain import Intent, catalogue_automaton
+        from reclm_jax.llm.automaton import Intent, catalogue_automaton
 
         intents = [Intent.of_controls(s.controls) if self.mode == "intent" else Intent() for s in samples]
         return catalogue_automaton(self.titles, tokenizer).rows(

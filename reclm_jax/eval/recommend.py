@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from reclm_jax.eval.controls import PROPORTION_KINDS
-from reclm_jax.llm.constrain import Intent
+from reclm_jax.llm.automaton import Intent
 
 _SHARE = re.compile(r"^\s*(?P<cat>.+?)\s*(?P<kind><=|>=|~)\s*(?P<pct>\d+(?:\.\d+)?)\s*%\s*$")
 
