@@ -1,9 +1,10 @@
 """`reclm-jax recommend`: structured intent options, constrained answers, the prompt budget and bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
-from test_eval import run_cli, tiny_dataset, tiny_model_dir  # noqa: F401  (tiny_model_dir is a fixture)
+from test_eval import run_cli, teacher_dir, tiny_dataset, tiny_model_dir  # noqa: F401  (fixtures)
 
 from reclm_jax.cli import UserError
 from reclm_jax.eval.recommend import IntentError, IntentSpec, fit_history, instruction, recognise
@@ -87,3 +88,24 @@ def test_recommend_reports_dropped_history_and_rejects_bad_sizes(tiny_model_dir,
                           (["--share", "Dramma<=20%"], "unknown category 'Dramma'; close ones: Drama")):
         with pytest.raises(UserError, match=message):
             run_cli(["recommend", "--model", str(tiny_model_dir), "--history", "Heat (1995)", *argv])
+
+
+def test_evaluate_adds_constrained_rows_beside_the_unconstrained_ones(tiny_model_dir, teacher_dir, tiny_data,
+                                                                        tmp_path, capsys):
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--teacher", str(teacher_dir), "--out", str(tmp_path),
+            "--limit", "4", "--max-new-tokens", "200", "--batch-size", "64", "--constrain", "catalogue",
+            "--constrain", "intent"]
+    assert run_cli(argv) == 0
+    tables = capsys.readouterr().out
+    name = Path(tiny_model_dir).name
+    for label in (f"{name} zero-shot", f"{name} zero-shot [catalogue-constrained]",
+                  f"{name} zero-shot [intent-constrained]"):
+        assert f"| {label} |" in tables
+    for mode in ("catalogue", "intent"):
+        metrics = json.loads((tmp_path / "runs" / f"{name}_zero-shot__{mode}-constrained" / "metrics.json")
+                             .read_text())["metrics"]
+        for task, m in metrics.items():
+            assert m["NonExist@K"] == m["RepeatItem@K"] == m["InHistory@K"] == 0, (mode, task)
+    intent = json.loads((tmp_path / "runs" / f"{name}_zero-shot__intent-constrained" / "metrics.json")
+                        .read_text())["metrics"]
+    assert intent["-c"]["TCP@K"] == 0 and intent["c1<=20%&-c2"]["TC2P@K"] == 0
