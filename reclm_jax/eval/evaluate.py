@@ -39,7 +39,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,11 +130,14 @@ def generate_texts(model: ChatModel, samples: Sequence[Sample], settings: Genera
 def generate_answers(model: ChatModel, eval_set: EvalSet, settings: GenerationSettings,
                      progress: bool = True, constrain: Constrain | None = None) -> dict[str, list[str]]:
     """{task: answers in the order of eval_set.tasks[task]}; all tasks are decoded in one length-sorted stream,
-    under `constrain` when given."""
+    under `constrain` when given (then with at least the new tokens the longest k-item list needs)."""
     names = list(eval_set.tasks)
     flat = [s for name in names for s in eval_set.tasks[name]]
-    texts = generate_texts(model, flat, settings, progress=progress and f"{model.name}: test tasks",
-                           constraint=constrain.rows(model.tokenizer, flat) if constrain else None)
+    rows = constrain.rows(model.tokenizer, flat) if constrain else None
+    if rows is not None:  # a constrained list always ends after its k items: give it the tokens to get there
+        settings = replace(settings, max_new_tokens=max(settings.max_new_tokens,
+                                                        rows.automaton.answer_tokens(int(rows.k.max()))))
+    texts = generate_texts(model, flat, settings, progress=progress and f"{model.name}: test tasks", constraint=rows)
     out, start = {}, 0
     for name in names:
         n = len(eval_set.tasks[name])

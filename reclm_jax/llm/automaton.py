@@ -85,6 +85,18 @@ class Automaton:
     def max_degree(self) -> int:
         return int(np.diff(self.edge_start).max(initial=1))
 
+    @property
+    def longest_title(self) -> int:
+        """Tokens of the longest title (the trie's depth, END excluded)."""
+        depth = np.zeros(len(self.node_lo), np.int64)
+        for node in range(len(self.node_lo)):  # children are created after their parent: one pass in order
+            depth[self.edge_child[self.edge_start[node]:self.edge_start[node + 1]]] = depth[node] + 1
+        return int(depth.max(initial=1)) - 1
+
+    def answer_tokens(self, lines: int) -> int:
+        """Enough new tokens for any answer of `lines` items, the stop token included."""
+        return sum(map(len, self.pieces(lines))) + lines * self.longest_title
+
     def pieces(self, lines: int) -> list[tuple[int, ...]]:
         """The fixed pieces of a list of up to `lines` lines: H_1, G_2 ... G_lines, F (piece i opens line i+1)."""
         return [self.first_line] + [self.join(i) for i in range(2, lines + 1)] + [self.final]
