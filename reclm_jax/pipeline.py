@@ -35,6 +35,9 @@ class EvalSection:
     def __post_init__(self):
         if self.bootstrap < 1:
             raise ValueError(f"eval.bootstrap must be >= 1, got {self.bootstrap}")
+        unknown = [m for m in self.constrain if m not in ("catalogue", "intent")]
+        if unknown:
+            raise ValueError(f"eval.constrain: unknown modes {unknown}; modes are catalogue, intent")
 
 
 @dataclass(frozen=True)

@@ -125,9 +125,10 @@ def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], log
     """Sample up to `max_new_tokens` (<= out_len) tokens per row after a prefill.
 
     `logits` [B, V] predict each row's next token at RoPE position `positions` [B]; rows with `done` set
-    emit nothing. Stops early once every row is done. `constraint` (`RowConstraints.device`): tokens outside
-    each row's catalogue automaton are masked out before sampling, inside the loop. Returns {"tokens", "logprobs", "sample_logprobs"}
-    [B, out_len], "lengths" [B] and the final "cache" (returned so the donated one is updated in place).
+    emit nothing. Stops early once every row is done. `constraint` (`constrain.device_tables`): tokens outside
+    each row's catalogue automaton are masked out before sampling, inside the loop. Returns {"tokens",
+    "logprobs", "sample_logprobs"} [B, out_len], "lengths" [B] and the final "cache" (returned so the donated
+    one is updated in place).
     """
     b = logits.shape[0]
 
@@ -230,7 +231,8 @@ def generate(
         params, lora, cache, logits, jnp.asarray(mask.sum(1), jnp.int32), jnp.arange(batch) >= n,
         rng if rng is not None else jax.random.key(0), jnp.float32(temperature or 1.0), jnp.int32(top_k),
         jnp.float32(top_p), jnp.asarray(stop, jnp.int32), jnp.int32(max_new_tokens), jnp.int32(pad_id),
-        None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size), cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
+        None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size),
+        cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
     )
     out = jax.device_get({k: v for k, v in out.items() if k != "cache"})
     return GenerationResult(
