@@ -145,7 +145,8 @@ def test_bad_catalogues_give_a_defined_result(tokenizer):
     assert "only 2" in rows.shortfall(0) and "only 0" in rows.shortfall(1)
     out = sampling.generate(params, cfg, [[5, 6], [7]], max_new_tokens=40, eos_ids=stop_token_ids(tokenizer),
                             constraint=rows)
-    texts = [tokenizer.decode(t[:n].tolist(), skip_special_tokens=True).strip() for t, n in zip(out.tokens, out.lengths)]
+    texts = [tokenizer.decode(t[:n].tolist(), skip_special_tokens=True).strip()
+             for t, n in zip(out.tokens, out.lengths)]
     assert sorted(texts[0].split("\n")) == ["1. Heat", "2. Heat Wave"] or sorted(texts[0].split("\n")) == [
         "1. Heat Wave", "2. Heat"]
     assert texts[1] == ""

@@ -270,7 +270,8 @@ def _recommend(args) -> int:
     if truncated:
         notes.append(f"the answer reached --max-new-tokens {args.max_new_tokens} before it ended")
     if args.show_prompt:
-        print(f"--- prompt\n{prompt_for(kept)}\n--- answer\n{answer}\n---", file=sys.stderr if args.json else sys.stdout)
+        print(f"--- prompt\n{prompt_for(kept)}\n--- answer\n{answer}\n---",
+              file=sys.stderr if args.json else sys.stdout)
     items = catalogue.parse(answer)
     if args.json:
         listed = [{"title": it.title, "id": dataset.item_names[it.item_id] if it.item_id >= 0 else None,

@@ -1,8 +1,11 @@
 """Catalogue- and intent-constrained decoding: a token automaton over the catalogue that runs inside the sampler.
 
-    automaton = catalogue_automaton(titles, tokenizer)              # built once per (catalogue, tokenizer), cached
-    rows = automaton.rows(ks, histories, intents, category_matrix)  # per-prompt k, exclusions and controls
-    generate(params, cfg, prompts, ..., constraint=rows)            # every answer: k distinct allowed titles
+    automaton = llm.automaton.catalogue_automaton(titles, tokenizer)  # once per (catalogue, tokenizer), cached
+    rows = automaton.rows(ks, histories, intents, category_matrix)    # per-prompt k, exclusions and controls
+    llm.sampling.generate(params, cfg, prompts, ..., constraint=rows)  # every answer: k distinct allowed titles
+
+This module is the device side (`device_tables`, and `init_state` / `allowed_tokens` / `advance`, called by
+`llm.sampling.decode` inside its loop); `llm.automaton` builds the automaton on the host.
 
 The answer format is the one the models are trained on (`tasks.templates.Templates.response`): "1. <title>",
 one numbered line per item, then the chat template's end of the answer. Each piece is the exact token sequence
@@ -70,7 +73,8 @@ def init_state(tables: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Every row starts emitting H_1, or F at once when nothing is allowed."""
     b = tables["k"].shape[0]
     final = tables["fixed_len"].shape[0] - 1
-    empty = ~jnp.any(_eligible(tables, tables["base"], jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)), axis=1)
+    zero = jnp.zeros((b,), jnp.int32)
+    empty = ~jnp.any(_eligible(tables, tables["base"], zero, zero), axis=1)
     return {"allowed": tables["base"], "count": jnp.zeros((b,), jnp.int32), "inside": jnp.zeros((b,), jnp.int32),
             "phase": jnp.full((b,), FIXED, jnp.int32), "piece": jnp.where(empty, final, 0).astype(jnp.int32),
             "pos": jnp.zeros((b,), jnp.int32), "node": jnp.zeros((b,), jnp.int32)}
