@@ -40,10 +40,15 @@ class EvalSection:
     title_match: Literal["strict", "lenient"] = "strict"  # how answer titles name items (eval.parse)
     bootstrap: int = 1000  # resamples of the users behind each 95 % interval
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    # Also decode under these constraints ("catalogue", "intent"): extra rows beside the unconstrained ones.
+    constrain: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.bootstrap < 1:
             raise ValueError(f"eval.bootstrap must be >= 1, got {self.bootstrap}")
+        unknown = [m for m in self.constrain if m not in ("catalogue", "intent")]
+        if unknown:
+            raise ValueError(f"eval.constrain: unknown modes {unknown}; modes are catalogue, intent")
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ def _evaluate(cfg: PipelineConfig, lay: Layout, dataset, sft_cfg: SFTConfig, pro
     task_cfg = replace(sft_cfg.tasks, seed=cfg.eval.seed, test_users=cfg.eval.users, sharegpt_ratio=0.0)
     run_evaluation(dataset, Teacher.load(lay.teacher), runs, lay.eval, task_cfg=task_cfg,
                    settings=cfg.eval.generation, title_match=cfg.eval.title_match, resamples=cfg.eval.bootstrap,
-                   teacher_path=str(lay.teacher), progress=progress)
+                   teacher_path=str(lay.teacher), progress=progress, constrain=cfg.eval.constrain)
     _say((lay.eval / "tables.md").read_text())
 
 

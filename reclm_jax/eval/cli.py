@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from rapidfuzz import process
@@ -13,7 +15,10 @@ from reclm_jax.eval import evaluate as E
 from reclm_jax.eval.evaluate import TEACHER_ROW, GenerationSettings, ModelRun, run_evaluation
 from reclm_jax.eval.parse import MATCH_MODES, Catalogue
 from reclm_jax.eval.plots import LogError, plot_logs
+from reclm_jax.eval.recommend import IntentError, IntentSpec, fit_history, instruction
+from reclm_jax.llm.automaton import Intent, catalogue_automaton
 from reclm_jax.llm.hf_io import FormatError
+from reclm_jax.llm.sampling import generate
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.encode import display_titles
 from reclm_jax.tasks.samples import Sample
@@ -21,6 +26,7 @@ from reclm_jax.tasks.templates import load_templates
 from reclm_jax.teacher.query import Teacher
 
 BASE_ROW = "{model} zero-shot"
+CONSTRAIN_CHOICES = ("none", "catalogue", "intent")
 
 
 def register(sub) -> None:
@@ -43,6 +49,10 @@ def register(sub) -> None:
     ev.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                     help="bootstrap resamples of the test users behind each 95%% interval (default: 1000)")
     ev.add_argument("--force", action="store_true", help="re-run models whose results in --out match the settings")
+    ev.add_argument("--constrain", action="append", choices=CONSTRAIN_CHOICES, default=[],
+                    help="also decode every model with constrained decoding: 'catalogue' (k distinct catalogue "
+                    "titles outside the history) or 'intent' (also the task's control); extra rows beside the "
+                    "unconstrained ones (repeatable)")
     ev.set_defaults(handler=_evaluate)
 
     rec = sub.add_parser("recommend", help="recommend items for a history and an intention in plain words")
@@ -50,8 +60,22 @@ def register(sub) -> None:
     rec.add_argument("--lora", metavar="DIR[,DIR...]", help="trained PEFT adapters of --model, merged in order")
     add_dataset_args(rec)
     rec.add_argument("--history", nargs="+", required=True, metavar="TITLE", help="titles the user liked, oldest first")
-    rec.add_argument("--intent", help="the user's intention, e.g. \"no comedies\" or \"about 30%% dramas\"")
+    rec.add_argument("--include", action="append", default=[], metavar="CAT",
+                     help="recommend only items of this category (+C; repeatable)")
+    rec.add_argument("--exclude", action="append", default=[], metavar="CAT",
+                     help="recommend no item of this category (-C; repeatable)")
+    rec.add_argument("--share", metavar="\"CAT<=20%%\"",
+                     help="a proportion of the k items in a category: CAT<=P%%, CAT>=P%% or CAT~P%%")
+    rec.add_argument("--intent", help="the intention in words; enforced when it uses the instruction templates' "
+                     "phrasings (e.g. \"I don't like 'Horror' products\"), otherwise only shown to the model")
+    rec.add_argument("--constrain", choices=CONSTRAIN_CHOICES, default="intent",
+                     help="decoding: 'intent' (default) lists k distinct catalogue items outside the history that "
+                     "obey --include/--exclude/--share; 'catalogue' the same without the intent; 'none' free text")
     rec.add_argument("-k", type=int, default=10, help="items to recommend (default: 10)")
+    rec.add_argument("--max-prompt-tokens", type=int, default=512,
+                     help="prompt budget; the oldest history items are dropped to fit (default: 512)")
+    rec.add_argument("--json", action="store_true",
+                     help="print the list as one JSON line: each item's title, id and categories")
     rec.add_argument("--show-prompt", action="store_true", help="also print the prompt and the raw answer")
     rec.set_defaults(handler=_recommend)
 
@@ -126,7 +150,8 @@ def _evaluate(args) -> int:
     try:
         run_evaluation(dataset, teacher, runs, out, task_cfg=task_cfg, settings=settings,
                        title_match=args.title_match, fuzzy=args.fuzzy, resamples=args.bootstrap, force=args.force,
-                       teacher_path=args.teacher)
+                       teacher_path=args.teacher,
+                       constrain=tuple(dict.fromkeys(m for m in args.constrain if m != "none")))
     except FormatError as e:
         raise UserError(str(e)) from None
     print((out / "tables.md").read_text(encoding="utf-8"))
@@ -148,23 +173,14 @@ def history_items(titles: list[str], catalogue) -> list[int]:
     return ids
 
 
-def recommendation_prompt(templates, history_titles: list[str], k: int, intent: str | None) -> str:
-    """The paper's instruction for a history and a free-text intention: I0 without one, I2's template when
-    the intention states a percentage, else I1's (which tells the model to follow the intention)."""
-    fields = {"history": templates.titles_in_prompt(history_titles), "item_count": k}
-    if not intent:
-        return templates.prompt("seqrec", "generate", **fields)
-    if "%" in intent:
-        return templates.prompt("proportion", "generate", proportion_intention=intent, **fields)
-    return templates.prompt("control", "generate", synthetic_intention=intent, **fields)
-
-
-def recommendation_lines(items, item_categories, history: set[int]) -> list[str]:
+def recommendation_lines(items, item_categories, history: set[int], truncated: bool = False) -> list[str]:
     """One line per parsed item: its title, then its categories, or a mark when the title names no item of
-    the catalogue; items from the user's history and repeats are marked too."""
+    the catalogue (or, for the last one, was cut by the token budget); history items and repeats are marked."""
     lines, seen = [], set()
     for n, it in enumerate(items, 1):
-        if it.item_id < 0:
+        if truncated and n == len(items):
+            note = "[truncated by --max-new-tokens]"
+        elif it.item_id < 0:
             note = "[not in the catalogue]"
         else:
             note = "[" + ", ".join(item_categories[it.item_id]) + "]"
@@ -178,30 +194,85 @@ def recommendation_lines(items, item_categories, history: set[int]) -> list[str]
 
 
 def _recommend(args) -> int:
-    if args.k < 1:
-        raise UserError(f"-k must be >= 1, got {args.k}")
-    try:
-        settings = E.GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=1)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    for name in ("k", "max_prompt_tokens", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     dataset = dataset_from_args(args)
+    if args.k > dataset.num_items - len(args.history):
+        raise UserError(f"-k {args.k}: the catalogue of {dataset.name} has {dataset.num_items} items, "
+                        f"{dataset.num_items - len(args.history)} outside the history")
+    templates = load_templates()
+    try:
+        spec = IntentSpec.from_options(dataset.categories, templates, args.include, args.exclude, args.share,
+                                       args.intent)
+    except IntentError as e:
+        raise UserError(str(e)) from None
     try:
         model = E.load_chat_model(args.model, _adapters(args.lora), args.tokenizer)
     except (FormatError, ValueError) as e:
         raise UserError(f"--model/--lora: {e}") from None
+    budget = model.cfg.max_position_embeddings
+    if args.max_prompt_tokens + args.max_new_tokens > budget:
+        raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
+                        f"exceeds the model's context of {budget} tokens")
     titles = display_titles(dataset.titles, model.policy, TaskConfig.max_title_tokens)
     catalogue = Catalogue(titles, args.title_match, fuzzy=args.fuzzy)
     # The history is typed by a person, not judged: match it leniently (an unknown title is still an error).
     history = history_items(args.history, Catalogue(titles, "lenient", fuzzy=args.fuzzy))
-    prompt = recommendation_prompt(load_templates(), [titles[i] for i in history], args.k, args.intent)
-    answer = E.generate_texts(model, [Sample("recommend", (("user", prompt),))], settings)[0]
+    intent_text = spec.text(templates)
+
+    def prompt_for(items: list[int]) -> str:
+        return instruction(templates, [titles[i] for i in items], args.k, intent_text, spec.proportion_only)
+
+    def tokens_for(items: list[int]) -> list[int]:
+        return model.policy.prompt_ids(Sample("recommend", (("user", prompt_for(items)),)).messages, 1 << 30)
+
+    try:
+        kept, dropped = fit_history(tokens_for, history, args.max_prompt_tokens)
+    except IntentError as e:
+        raise UserError(str(e)) from None
+    notes = []
+    if dropped:
+        notes.append(f"the prompt budget of {args.max_prompt_tokens} tokens left out the {len(dropped)} oldest "
+                     f"history items: " + ", ".join(repr(titles[i]) for i in dropped))
+    if spec.free_text:
+        notes.append("--intent is not in the templates' phrasings: it is shown to the model but not enforced "
+                     "(use --include/--exclude/--share to enforce it)")
+    constraint = None
+    if args.constrain != "none":
+        automaton = catalogue_automaton(titles, model.policy.tokenizer)
+        rule = spec.constraint() if args.constrain == "intent" else Intent()
+        constraint = automaton.rows([args.k], [history], [rule], dataset.category_matrix)
+        shortfall = constraint.shortfall(0)
+        if shortfall:
+            notes.append(f"fewer than {args.k} items can be listed: {shortfall}")
+    result = generate(model.params, model.cfg, [tokens_for(kept)], max_new_tokens=args.max_new_tokens,
+                      eos_ids=model.policy.stop_ids, pad_id=model.policy.pad_id, constraint=constraint)
+    length = int(result.lengths[0])
+    tokens = result.tokens[0, :length].tolist()
+    truncated = not tokens or tokens[-1] not in set(model.policy.stop_ids) | (
+        {constraint.automaton.final[-1]} if constraint else set())
+    answer = model.policy.decode(tokens)
+    if truncated:
+        notes.append(f"the answer reached --max-new-tokens {args.max_new_tokens} before it ended")
     if args.show_prompt:
-        print(f"--- prompt\n{prompt}\n--- answer\n{answer}\n---")
+        print(f"--- prompt\n{prompt_for(kept)}\n--- answer\n{answer}\n---",
+              file=sys.stderr if args.json else sys.stdout)
     items = catalogue.parse(answer)
+    if args.json:
+        listed = [{"title": it.title, "id": dataset.item_names[it.item_id] if it.item_id >= 0 else None,
+                   "categories": list(dataset.item_categories[it.item_id]) if it.item_id >= 0 else []}
+                  for it in items]
+        if truncated and listed:
+            listed[-1]["truncated"] = True
+        print(json.dumps({"items": listed, "constrain": args.constrain, "notes": notes}, ensure_ascii=False))
+        return 0 if items else 1
+    for note in notes:
+        print(f"note: {note}")
     if not items:
         print(f"no list in the answer: {answer!r}")
         return 1
-    print("\n".join(recommendation_lines(items, dataset.item_categories, set(history))))
+    print("\n".join(recommendation_lines(items, dataset.item_categories, set(history), truncated)))
     return 0
 
 

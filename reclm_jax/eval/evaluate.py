@@ -39,7 +39,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from reclm_jax.eval.metrics import NO_CONTROL, Bootstrap, estimate, evaluate_bat
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.eval.tables import write_tables
 from reclm_jax.llm import hf_io
+from reclm_jax.llm.automaton import Intent, catalogue_automaton
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig
 from reclm_jax.tasks.config import TaskConfig
@@ -59,6 +60,7 @@ from reclm_jax.tasks.evaluation import EvalSet, build_eval_set
 from reclm_jax.tasks.samples import Sample, TaskContext
 from reclm_jax.tasks.encode import display_titles
 
+CONSTRAIN_MODES = ("none", "catalogue", "intent")
 SEQREC = "seqrec"
 
 
@@ -97,28 +99,53 @@ def load_chat_model(model: str, loras: Sequence[str | Path] = (), tokenizer: str
 
 
 def generate_texts(model: ChatModel, samples: Sequence[Sample], settings: GenerationSettings,
-                   progress: bool | str = False) -> list[str]:
+                   progress: bool | str = False, constraint=None) -> list[str]:
     """Greedy answers to the samples' chat prompts, in order (`ChatPolicy.answer`); `progress` (True or a
-    label) shows a tqdm bar."""
+    label) shows a tqdm bar. `constraint`: an `llm.constrain.RowConstraints` with one row per sample
+    (constrained decoding)."""
     prompts = [model.policy.prompt_ids(s.messages, settings.max_prompt_tokens) for s in samples]
     label = progress if isinstance(progress, str) else model.name
     with tqdm(total=len(prompts), desc=label, unit="answer", disable=not progress) as bar:
         return model.policy.answer(model.params, model.cfg, prompts, max_new_tokens=settings.max_new_tokens,
-                                   batch_size=settings.batch_size, on_batch=bar.update)
+                                   batch_size=settings.batch_size, on_batch=bar.update, constraint=constraint)
 
 
 def generate_answers(model: ChatModel, eval_set: EvalSet, settings: GenerationSettings,
-                     progress: bool = True) -> dict[str, list[str]]:
-    """{task: answers in the order of eval_set.tasks[task]}; all tasks are decoded in one length-sorted stream."""
+                     progress: bool = True, constrain: Constrain | None = None) -> dict[str, list[str]]:
+    """{task: answers in the order of eval_set.tasks[task]}; all tasks are decoded in one length-sorted stream,
+    under `constrain` when given (then with at least the new tokens the longest k-item list needs)."""
     names = list(eval_set.tasks)
     flat = [s for name in names for s in eval_set.tasks[name]]
-    texts = generate_texts(model, flat, settings, progress=progress and f"{model.name}: test tasks")
+    rows = constrain.rows(model.policy.tokenizer, flat) if constrain else None
+    if rows is not None:  # a constrained list always ends after its k items: give it the tokens to get there
+        settings = replace(settings, max_new_tokens=max(settings.max_new_tokens,
+                                                        rows.automaton.answer_tokens(int(rows.k.max()))))
+    texts = generate_texts(model, flat, settings, progress=progress and f"{model.name}: test tasks", constraint=rows)
     out, start = {}, 0
     for name in names:
         n = len(eval_set.tasks[name])
         out[name] = texts[start:start + n]
         start += n
     return out
+
+
+@dataclass(frozen=True)
+class Constrain:
+    """Constrained decoding of test answers (`llm.constrain`): mode "catalogue" (k distinct catalogue titles
+    outside the history) or "intent" (also the sample's controls), over the titles the answers are matched to."""
+
+    mode: str
+    titles: tuple[str, ...]
+    category_matrix: np.ndarray
+
+    def __post_init__(self):
+        if self.mode not in CONSTRAIN_MODES[1:]:
+            raise ValueError(f"constrain mode {self.mode!r} is not one of {', '.join(CONSTRAIN_MODES[1:])}")
+
+    def rows(self, tokenizer, samples: Sequence[Sample]):
+        intents = [Intent.of_controls(s.controls) if self.mode == "intent" else Intent() for s in samples]
+        return catalogue_automaton(self.titles, tokenizer).rows(
+            [s.k for s in samples], [s.history for s in samples], intents, self.category_matrix)
 
 
 # ---- scoring -------------------------------------------------------------------------------------------
@@ -256,6 +283,11 @@ def _fingerprint(path: str | None) -> list | None:
     return [str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def constrained_label(label: str, mode: str) -> str:
+    """The table row of a run decoded under constraint `mode`."""
+    return f"{label} [{mode}-constrained]"
+
+
 def run_slug(label: str) -> str:
     """The folder name of a row's files under <out>/runs/."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in label).strip("_") or "model"
@@ -264,14 +296,16 @@ def run_slug(label: str) -> str:
 def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir: str | Path, *,
                    task_cfg: TaskConfig, settings: GenerationSettings = GenerationSettings(),
                    title_match: str = "strict", fuzzy: bool = False, resamples: int = 1000, force: bool = False,
-                   teacher_path: str | None = None, progress: bool = True) -> list[tuple[str, dict]]:
+                   teacher_path: str | None = None, progress: bool = True,
+                   constrain: Sequence[str] = ()) -> list[tuple[str, dict]]:
     """Evaluate each run on the test set of `task_cfg` (seed, test_users) and write, under `out_dir`,
     runs/<label>/{metrics.json, answers.jsonl} and the tables (`tables.write_tables`). A run whose
     metrics.json was made with the same settings (model and adapter files, test set, decoding, title
     matching, bootstrap) is read back instead of decoded again unless `force`. Returns the table rows: the
     teacher's, then one per run. Titles are shown and matched as the first run's tokenizer cuts them
     (`tasks.encode.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`; intervals
-    from `resamples` bootstrap resamples seeded by task_cfg.seed."""
+    from `resamples` bootstrap resamples seeded by task_cfg.seed. `constrain` ("catalogue", "intent"): each run
+    is also decoded under those modes, as extra rows labelled `constrained_label` beside its unconstrained row."""
     labels = [r.label for r in runs]
     if not runs or len(set(labels)) != len(labels) or TEACHER_ROW in labels:
         raise ValueError(f"row labels must be unique and not {TEACHER_ROW!r}, got {labels}")
@@ -293,29 +327,33 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
               "bootstrap_resamples": resamples, **asdict(settings)}
     shared.pop("batch_size")  # does not change greedy answers
     for run in runs:
-        run_dir = out_dir / "runs" / run_slug(run.label)
-        result_file = run_dir / "metrics.json"
-        wanted = shared | {"model": _fingerprint(run.model), "loras": [_fingerprint(p) for p in run.loras],
-                           "tokenizer": run.tokenizer}
-        if not force and result_file.is_file():
-            saved = json.loads(result_file.read_text())
-            if saved.get("settings") == wanted:
-                print(f"{run.label}: results in {result_file} match these settings; reusing them", file=sys.stderr)
-                rows.append((run.label, saved["metrics"]))
-                continue
-        model = load_chat_model(run.model, run.loras, run.tokenizer, name=run.label)
-        start = time.perf_counter()
-        answers = generate_answers(model, eval_set, settings, progress=progress)
-        seconds = time.perf_counter() - start
+        model = None
+        for mode in ("none", *constrain):  # the paper's unconstrained row, then each constrained one beside it
+            label = run.label if mode == "none" else constrained_label(run.label, mode)
+            run_dir = out_dir / "runs" / run_slug(label)
+            result_file = run_dir / "metrics.json"
+            wanted = shared | {"model": _fingerprint(run.model), "loras": [_fingerprint(p) for p in run.loras],
+                               "tokenizer": run.tokenizer} | ({} if mode == "none" else {"constrain": mode})
+            if not force and result_file.is_file():
+                saved = json.loads(result_file.read_text())
+                if saved.get("settings") == wanted:
+                    print(f"{label}: results in {result_file} match these settings; reusing them", file=sys.stderr)
+                    rows.append((label, saved["metrics"]))
+                    continue
+            model = model or load_chat_model(run.model, run.loras, run.tokenizer, name=run.label)
+            start = time.perf_counter()
+            rules = None if mode == "none" else Constrain(mode, tuple(titles), dataset.category_matrix)
+            answers = generate_answers(model, eval_set, settings, progress=progress, constrain=rules)
+            seconds = time.perf_counter() - start
+            metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue, bootstrap)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
+                for record in answer_records(eval_set, answers, catalogue):
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            result_file.write_text(json.dumps({"model": label, "settings": wanted, "generation_seconds": seconds,
+                                               "metrics": metrics}, indent=1) + "\n")
+            print(f"{label}: {sum(len(a) for a in answers.values())} answers in {seconds:.0f} s", file=sys.stderr)
+            rows.append((label, metrics))
         del model
-        metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue, bootstrap)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
-            for record in answer_records(eval_set, answers, catalogue):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        result_file.write_text(json.dumps({"model": run.label, "settings": wanted, "generation_seconds": seconds,
-                                           "metrics": metrics}, indent=1) + "\n")
-        print(f"{run.label}: {sum(len(a) for a in answers.values())} answers in {seconds:.0f} s", file=sys.stderr)
-        rows.append((run.label, metrics))
     write_tables(rows, out_dir, title_match=catalogue.rule)
     return rows

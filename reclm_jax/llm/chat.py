@@ -88,15 +88,19 @@ class ChatPolicy:
 
     # ---- answers
     def answer(self, params: Any, model_cfg: LlamaConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               batch_size: int, lora: Any = None, lora_cfg: LoraConfig | None = None, on_batch=None) -> list[str]:
+               batch_size: int, lora: Any = None, lora_cfg: LoraConfig | None = None, on_batch=None,
+               constraint=None) -> list[str]:
         """Greedy answers to prompt ids, in order: decoded in batches of similar prompt lengths (fewer padded
-        positions and compiled shapes); `on_batch(n)` is called after each batch of n answers (progress)."""
+        positions and compiled shapes); `on_batch(n)` is called after each batch of n answers (progress).
+        `constraint`: an `llm.constrain.RowConstraints` with one row per prompt (constrained decoding)."""
         order = np.argsort([len(p) for p in prompts], kind="stable")
         texts = [""] * len(prompts)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
+            extra = {} if constraint is None else {"constraint": constraint.select(rows)}
             result = sampling.generate(params, model_cfg, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
-                                       eos_ids=self.stop_ids, pad_id=self.pad_id, lora=lora, lora_cfg=lora_cfg)
+                                       eos_ids=self.stop_ids, pad_id=self.pad_id, lora=lora, lora_cfg=lora_cfg,
+                                       **extra)
             for row, tokens, length in zip(rows, result.tokens, result.lengths):
                 texts[row] = self.decode(tokens[:length].tolist())
             if on_batch is not None:

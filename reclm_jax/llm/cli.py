@@ -7,8 +7,14 @@ import json
 from pathlib import Path
 
 from reclm_jax.core.errors import UserError
+from reclm_jax.data.cli import add_dataset_args, dataset_from_args
 from reclm_jax.llm import hf_io, tokenizer
+from reclm_jax.llm.automaton import catalogue_automaton, save_automaton
+from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import PRESETS
+from reclm_jax.llm.grammar import catalogue_grammar
+from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.tasks.encode import display_titles
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="base weights with the adapter folded in (default)")
     kind.add_argument("--peft", action="store_const", dest="kind", const="peft",
                       help="the adapter alone, in PEFT format (needs --lora)")
+    kind.add_argument("--grammar", action="store_const", dest="kind", const="grammar",
+                      help="the catalogue's answer format for serving: grammar.ebnf (vLLM structured outputs) and "
+                      "catalogue.npz (the automaton of llm.vllm_processor: no repeats, no history, the intent)")
+    export.add_argument("-k", type=int, default=10, help="--grammar: lines of the answer (default: 10)")
+    add_dataset_args(export)
     export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
                         help="weight dtype of a merged export (default: %(default)s)")
     export.add_argument("--tokenizer", help="tokenizer to include (default: the model's own, if it has one)")
@@ -63,6 +74,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.kind == "grammar":
+        return _export_grammar(args)
     if args.kind == "peft" and not args.lora:
         raise UserError("export --peft writes an adapter: give it with --lora")
     try:
@@ -77,6 +90,26 @@ def _export(args: argparse.Namespace) -> int:
     except (hf_io.FormatError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {args.kind} export to {out}")
+    return 0
+
+
+def _export_grammar(args: argparse.Namespace) -> int:
+    """grammar.ebnf and catalogue.npz for the dataset's titles as the tokenizer shows them (`display_titles`)."""
+    if args.k < 1:
+        raise UserError(f"-k must be >= 1, got {args.k}")
+    tok = _tokenizer(args.tokenizer, args.model)
+    if tok is None:
+        raise UserError(f"--model {args.model} has no tokenizer: give --tokenizer")
+    dataset = dataset_from_args(args)
+    titles = display_titles(dataset.titles, ChatPolicy.of(tok), TaskConfig.max_title_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grammar.ebnf").write_text(catalogue_grammar(titles, args.k), encoding="utf-8")
+    automaton = catalogue_automaton(titles, tok)
+    save_automaton(automaton, out / "catalogue.npz", max(args.k, 20), dataset.categories, dataset.category_matrix)
+    dropped = "".join(f"; left out ({reason}): {len(ids)}" for reason, ids in automaton.dropped.items())
+    print(f"wrote {out}/grammar.ebnf ({args.k} lines over {len(titles)} titles) and {out}/catalogue.npz "
+          f"({len(automaton.items)} titles{dropped})")
     return 0
 
 

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reclm_jax.llm import model
+from reclm_jax.llm import constrain, model
+from reclm_jax.llm.automaton import RowConstraints
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 
 Params = dict[str, Any]
@@ -118,20 +119,28 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "mode", "out_len"), donate_argnames=("cache",))
 def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], logits: jax.Array,
            positions: jax.Array, done: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array, eos_ids: jax.Array, max_new_tokens: jax.Array, pad_id: jax.Array, *,
+           top_p: jax.Array, eos_ids: jax.Array, max_new_tokens: jax.Array, pad_id: jax.Array,
+           constraint: dict[str, jax.Array] | None = None, *,
            cfg: LlamaConfig, lora_cfg: LoraConfig | None, mode: SamplingMode, out_len: int) -> dict[str, jax.Array]:
     """Sample up to `max_new_tokens` (<= out_len) tokens per row after a prefill.
 
     `logits` [B, V] predict each row's next token at RoPE position `positions` [B]; rows with `done` set
-    emit nothing. Stops early once every row is done. Returns {"tokens", "logprobs", "sample_logprobs"}
-    [B, out_len], "lengths" [B] and the final "cache" (returned so the donated one is updated in place).
+    emit nothing. Stops early once every row is done. `constraint` (`constrain.device_tables`): tokens outside
+    each row's catalogue automaton are masked out before sampling, inside the loop. Returns {"tokens",
+    "logprobs", "sample_logprobs"} [B, out_len], "lengths" [B] and the final "cache" (returned so the donated
+    one is updated in place).
     """
     b = logits.shape[0]
 
     def emit(state, logits):
         key, sub = jax.random.split(state["key"])
+        if constraint is not None:
+            allowed, walk = constrain.allowed_tokens(constraint, state["automaton"])
+            logits = jnp.where(allowed, logits, -jnp.inf)
         token, lp, slp = sample_token(logits, sub, temperature, top_k, top_p, mode)
         live = ~state["done"]
+        if constraint is not None:
+            state = {**state, "automaton": constrain.advance(constraint, state["automaton"], walk, token, live)}
         token = jnp.where(live, token, pad_id)
         col = (0, state["step"])
         return {
@@ -159,6 +168,8 @@ def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], log
         "tokens": jnp.full((b, out_len), pad_id, jnp.int32), "logprobs": jnp.zeros((b, out_len), jnp.float32),
         "sample_logprobs": jnp.zeros((b, out_len), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
     }
+    if constraint is not None:
+        state["automaton"] = constrain.init_state(constraint)
     state = jax.lax.while_loop(cond, body, emit(state, logits))
     return {"tokens": state["tokens"], "logprobs": state["logprobs"], "sample_logprobs": state["sample_logprobs"],
             "lengths": state["lengths"], "cache": state["cache"]}
@@ -178,8 +189,11 @@ def generate(
     pad_id: int = 0,
     lora: Params | None = None,
     lora_cfg: LoraConfig | None = None,
+    constraint: RowConstraints | None = None,
 ) -> GenerationResult:
-    """Sample continuations of `prompts` (token id lists); see the module docstring."""
+    """Sample continuations of `prompts` (token id lists); see the module docstring. With `constraint` (one
+    row per prompt), every answer follows its row's catalogue automaton (`llm.constrain`); `logprobs` are then
+    those of the masked distribution the tokens were drawn from (so PPO does not use constrained rollouts)."""
     if not prompts:
         raise ValueError("generate: prompts is empty")
     if any(len(p) == 0 for p in prompts):
@@ -199,7 +213,12 @@ def generate(
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's max_position_embeddings {cfg.max_position_embeddings}")
-    stop = sorted(set(eos_ids) if eos_ids is not None else {cfg.eos_token_id})
+    stop = set(eos_ids) if eos_ids is not None else {cfg.eos_token_id}
+    if constraint is not None:
+        if len(constraint.k) != len(prompts):
+            raise ValueError(f"generate: {len(constraint.k)} constraint rows for {len(prompts)} prompts")
+        stop.add(constraint.automaton.final[-1])
+    stop = sorted(stop)
     stop += [-1] * (8 - len(stop) % 8)  # -1 never matches; a multiple of 8 ids: no recompile per set size
 
     n = len(prompts)
@@ -212,6 +231,7 @@ def generate(
         params, lora, cache, logits, jnp.asarray(mask.sum(1), jnp.int32), jnp.arange(batch) >= n,
         rng if rng is not None else jax.random.key(0), jnp.float32(temperature or 1.0), jnp.int32(top_k),
         jnp.float32(top_p), jnp.asarray(stop, jnp.int32), jnp.int32(max_new_tokens), jnp.int32(pad_id),
+        None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size),
         cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
     )
     out = jax.device_get({k: v for k, v in out.items() if k != "cache"})
