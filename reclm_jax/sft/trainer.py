@@ -110,7 +110,7 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
     placed = place(setup.mesh, setup.params, setup.lora, tx)
     train_step = step_lib.jit_train_step(setup.model_cfg, setup.lora_cfg, tx, setup.accum,
                                          cfg.tasks.max_response_tokens, placed.shardings,
-                                         lr=step_lib.schedule(cfg.optim, setup.total_steps))
+                                         lr=step_lib.schedule(cfg.optim, setup.total_steps), mesh=setup.mesh)
     dropout_key = jax.random.key(cfg.train.seed)
 
     def step(state: TrainState, host_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, Any]]:
@@ -124,7 +124,9 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
 
     validate = None
     if setup.validate is not None:
-        validate = lambda state, step: setup.validate(placed.params, state.params, step)  # noqa: E731
+        # the sampling layout: weights replicated over fsdp, prompts and cache split (a copy, freed after)
+        validate = lambda state, step: setup.validate(sharding.for_sampling(placed.params),  # noqa: E731
+                                                      sharding.for_sampling(state.params), step)
     peak = peak_flops(override=None if cfg.train.peak_tflops is None else cfg.train.peak_tflops * 1e12)
     return loop.train(run, placed.state, step, iter(setup.batches), total_steps=setup.total_steps,
                       checkpoint=cfg.checkpoint, progress=progress, description="sft", valid_every=cfg.valid.every,
