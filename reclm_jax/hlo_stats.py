@@ -46,7 +46,7 @@ class Instr:
 class Stats:
     flops: float = 0.0
     collective_bytes: float = 0.0
-    collectives: dict[str, float] = field(default_factory=dict)  # bytes by opcode
+    collectives: dict[str, float] = field(default_factory=dict)  # bytes by "<opcode> <dtype>"
     bf16_f32_copies: float = 0.0
     unknown_loops: int = 0
 
@@ -145,7 +145,8 @@ def analyse(text: str, unknown_trips: int = 1) -> Stats:
             elif base in _COLLECTIVES and not op.endswith("-done"):
                 produced = arrays(instr.shape)
                 size = _BYTES.get(produced[-1][0], 4) * math.prod(produced[-1][1]) if produced else 0
-                coll[base] = coll.get(base, 0.0) + size
+                key = f"{base} {produced[-1][0]}" if produced else base
+                coll[key] = coll.get(key, 0.0) + size
             if op == "while":
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', instr.attrs)
                 n = int(trips.group(1)) if trips else unknown_trips

@@ -75,6 +75,7 @@ class Program:
     knob: str  # the config setting that shrinks its memory
     cache_bytes: float = 0.0  # KV cache per device
     decode_steps: int = 0  # > 0: a decode loop of (at most) this many steps, bounded by HBM bandwidth too
+    bf16_weights: bool = False
 
 
 @dataclass
@@ -206,6 +207,8 @@ def sft_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
             lora, sharding.param_shardings(lora, mesh, sharding.SAMPLE_RULES), lora_cfg, cfg.valid.batch_size,
             max_prompt, cfg.valid.max_new_tokens, sampling.SamplingMode(True, False, False),
             "valid.batch_size, valid.max_new_tokens")
+    for prog in programs:
+        prog.bf16_weights = model_cfg.param_dtype == "bfloat16"
     notes = [f"model: {source}, {model_cfg.num_params / 1e9:.3g}e9 parameters, {model_cfg.param_dtype} weights, "
              f"{model_cfg.compute_dtype} compute, remat {model_cfg.remat}",
              f"mesh (data, fsdp, tensor) = {tuple(mesh.shape.values())}: training weights FSDP-sharded, validation "
@@ -250,6 +253,8 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
         r.max_prompt_tokens, r.max_new_tokens,
         sampling.SamplingMode(greedy=False, top_k=r.top_k > 0, top_p=r.top_p < 1.0),
         "rollout.prompts_per_step, rollout.max_new_tokens")
+    for prog in programs:
+        prog.bf16_weights = model_cfg.param_dtype == "bfloat16"
     notes = [f"model: {source}, {model_cfg.num_params / 1e9:.3g}e9 parameters, {model_cfg.param_dtype} weights, "
              f"{model_cfg.compute_dtype} compute, remat {model_cfg.remat}",
              f"mesh: data = {mesh.size} (train.data_parallel): base and adapters replicated, rollout rows, "
@@ -266,13 +271,16 @@ def measure(prog: Program, acc: Accelerator, mfu: float, mbu: float, devices: in
     cpu_peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                 + mem.temp_size_in_bytes)
     cpu_only = min(stats.bf16_f32_copies, mem.temp_size_in_bytes)
+    collective_bytes = stats.collective_bytes
+    if prog.bf16_weights:  # the CPU gathers bfloat16 weights as float32 copies: half of that on an accelerator
+        collective_bytes -= stats.collectives.get("all-gather f32", 0.0) / 2
     peak = cpu_peak - cpu_only
     seconds = stats.flops / (acc.peak_flops * mfu)
     if prog.decode_steps:  # every step reads the weights and the cache
         seconds = max(seconds, prog.decode_steps * mem.argument_size_in_bytes / (acc.hbm_bandwidth * mbu))
     return Row(prog.name, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                mem.temp_size_in_bytes, prog.cache_bytes, cpu_peak, cpu_only, peak,
-               peak <= acc.hbm_bytes * acc.usable, prog.knob, stats.flops, stats.collective_bytes,
+               peak <= acc.hbm_bytes * acc.usable, prog.knob, stats.flops, collective_bytes,
                stats.unknown_loops, seconds, prog.tokens / seconds if seconds else 0.0,
                stats.flops * devices / max(prog.tokens, 1))
 
@@ -335,6 +343,8 @@ def report(rows: list[Row], notes: list[str], acc: Accelerator, devices: int, mf
     lines += ["", "Memory is per device from XLA's buffer assignment: peak = arguments + outputs - donated + "
               "temporaries. The CPU backend keeps float32 copies of bfloat16 arguments (its matrix kernels are "
               "float32); 'CPU-only' is their size, and 'peak' (the accelerator estimate) leaves them out.",
+              "Collectives: bytes each device receives or reduces per call (float32 all-gathers of bfloat16 "
+              "weights, a CPU artefact, counted at bfloat16). "
               "FLOPs are matrix-product FLOPs per device with every loop counted trip-count times (decode: the "
               "full token budget); time = FLOPs / (peak x MFU), for decode at least (weights + cache) x steps / "
               "(bandwidth x its utilisation). Peaks: " + acc.source + "."]
