@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -152,19 +153,18 @@ def sampling_programs(stage: str, mesh: Any, model_cfg: Any, params: Any, params
         prefill = sampling.prefill.lower(p, a, tokens, mask, cache_len=prompt_len + out_len, **static).compile()
         logits, cache = jax.eval_shape(lambda *xs: sampling.prefill(*xs, cache_len=prompt_len + out_len, **static),
                                        p, a, tokens, mask)
-        cache_sh = {"k": jax.NamedSharding(mesh, jax.P(None, sharding.mesh_batch_axes(mesh))),
-                    "mask": split(2), "index": replicated}
-        cache_sh["v"] = cache_sh["k"]
+        logits_sh, cache_sh = prefill.output_shardings  # decode takes what prefill hands it
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
         key = jax.eval_shape(lambda: jax.random.key(0))
         decode = sampling.decode.lower(
-            p, a, _abstract(cache, cache_sh), jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=split(2)),
+            p, a, _abstract(cache, cache_sh), jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=logits_sh),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split(1)),
             jax.ShapeDtypeStruct((batch,), bool, sharding=split(1)),
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated), scalar(jnp.float32), scalar(jnp.int32),
             scalar(jnp.float32), jax.ShapeDtypeStruct((8,), jnp.int32, sharding=replicated), scalar(jnp.int32),
             scalar(jnp.int32), mode=mode, out_len=out_len, **static).compile()
-    cache_bytes = sum(x.size * x.dtype.itemsize for x in (cache["k"], cache["v"])) / shards
+    k = cache["k"]
+    cache_bytes = 2 * math.prod(cache_sh["k"].shard_shape(k.shape)) * k.dtype.itemsize
     return [Program(f"{stage} prefill ({batch} x {prompt_len})", prefill, batch * prompt_len, knob, cache_bytes),
             Program(f"{stage} decode ({batch} x {out_len} new)", decode, batch * out_len, knob, cache_bytes, out_len)]
 
