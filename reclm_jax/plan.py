@@ -45,14 +45,15 @@ class Accelerator:
     source: str
 
 
-_GPU_FRACTION = 0.75  # JAX preallocates 75 % of GPU memory (XLA_PYTHON_CLIENT_MEM_FRACTION; docs: GPU memory allocation)
+# JAX preallocates 75 % of GPU memory (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX docs, "GPU memory allocation")
+_GPU_FRACTION = 0.75
 ACCELERATORS = {
     "a100-40gb": Accelerator("NVIDIA A100-SXM4-40GB", 312e12, 40e9, 1.555e12, _GPU_FRACTION,
                              "NVIDIA A100 Tensor Core GPU datasheet (bf16 dense 312 TFLOPS, 40 GB HBM2 1555 GB/s)"),
     "a100-80gb": Accelerator("NVIDIA A100-SXM4-80GB", 312e12, 80e9, 2.039e12, _GPU_FRACTION,
                              "NVIDIA A100 datasheet (bf16 dense 312 TFLOPS, 80 GB HBM2e 2039 GB/s)"),
     "h100-80gb": Accelerator("NVIDIA H100 SXM5 80GB", 989e12, 80e9, 3.35e12, _GPU_FRACTION,
-                             "NVIDIA H100 Tensor Core GPU datasheet, SXM (bf16 dense 989 TFLOPS, 80 GB HBM3 3.35 TB/s)"),
+                             "NVIDIA H100 datasheet, SXM (bf16 dense 989 TFLOPS, 80 GB HBM3 3.35 TB/s)"),
     "l4": Accelerator("NVIDIA L4", 121e12, 24e9, 0.3e12, _GPU_FRACTION,
                       "NVIDIA L4 datasheet (bf16 dense 121 TFLOPS, 24 GB GDDR6 300 GB/s)"),
     "tpu-v4": Accelerator("TPU v4 (per chip)", 275e12, 32e9, 1.2e12, 1.0,
@@ -132,7 +133,8 @@ def model_config(m: Any, preset: str | None) -> tuple[Any, str]:
 
 
 def sampling_programs(stage: str, mesh: Any, model_cfg: Any, params: Any, params_sh: Any, lora: Any, lora_sh: Any,
-                      lora_cfg: Any, batch: int, prompt_len: int, new_tokens: int, mode: Any, knob: str) -> list[Program]:
+                      lora_cfg: Any, batch: int, prompt_len: int, new_tokens: int, mode: Any,
+                      knob: str) -> list[Program]:
     """Prefill and decode of `batch` prompts of `prompt_len` tokens and `new_tokens` new ones on `mesh`, with
     the weights in the given layout and prompts and cache split over the batch axes (`sampling.generate`)."""
     import jax
@@ -220,7 +222,7 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
     import jax
     import jax.numpy as jnp
 
-    from reclm_jax.llm import model, sampling, sharding
+    from reclm_jax.llm import model, sampling
     from reclm_jax.rl.trainer import data_mesh
     from reclm_jax.rl.update import init_state, ppo_update
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from reclm_jax import hlo_stats
 from reclm_jax.llm import model
