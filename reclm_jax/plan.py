@@ -414,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, AssetError, ValueError) as e:
         print(f"reclm-jax plan: error: {e}", file=sys.stderr)
         return 2
+    if not programs:
+        print("\n".join(notes))
+        return 0
     rows = [measure(p, acc, args.mfu, args.mbu, args.devices) for p in programs]
     if args.json:
         print(json.dumps({"accelerator": args.accelerator, "devices": args.devices, "notes": notes,
