@@ -182,7 +182,7 @@ def sft_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
 
     model_cfg, source = model_config(cfg.model, model_override)
     mesh = sharding.make_mesh(cfg.mesh)
-    lora_cfg = cfg.lora.lora_config()
+    lora_cfg = cfg.lora
     params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg))
     lora = jax.eval_shape(lambda p: lora_lib.init(jax.random.key(0), p, model_cfg, lora_cfg), params)
     tx = step_lib.optimizer(cfg.optim, 1000)
@@ -244,14 +244,14 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
         update = ppo_update.lower(
             _abstract(base, rep(base)), _abstract(state, rep(state)), batch,
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated), model_cfg=model_cfg,
-            actor_cfg=cfg.actor_lora.lora(), critic_cfg=cfg.critic_lora.lora(), hyper=cfg.ppo,
+            actor_cfg=cfg.actor_lora, critic_cfg=cfg.critic_lora, hyper=cfg.ppo,
             shards=mesh.size).compile()
-    actor = state["params"]["actor"]
+    actor = state.params["actor"]
     programs = [Program(f"ppo update ({n} x {p_len + r_len}, {cfg.ppo.epochs} epochs x {cfg.ppo.minibatches} "
                         "minibatches)", update, n * (p_len + r_len),
                         "ppo.minibatches (fewer rows per pass), model.remat=full, rollout.prompts_per_step")]
     programs += sampling_programs(
-        "rollout", mesh, model_cfg, base, rep(base), actor, rep(actor), cfg.actor_lora.lora(), n,
+        "rollout", mesh, model_cfg, base, rep(base), actor, rep(actor), cfg.actor_lora, n,
         r.max_prompt_tokens, r.max_new_tokens,
         sampling.SamplingMode(greedy=False, top_k=r.top_k > 0, top_p=r.top_p < 1.0),
         "rollout.prompts_per_step, rollout.max_new_tokens")

@@ -58,9 +58,9 @@ WORKER = textwrap.dedent("""
     batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x), local)
     with jax.set_mesh(mesh):
         new, metrics = update.ppo_update(put(jax.device_get(base), P()), put(jax.device_get(ppo_state), P()), batch,
-                                         jax.random.key(3), model_cfg=MODEL, actor_cfg=cfg.actor_lora.lora(),
-                                         critic_cfg=cfg.critic_lora.lora(), hyper=cfg.ppo, shards=mesh.size)
-    head = multihost_utils.process_allgather(new["params"]["critic"]["head"], tiled=True)
+                                         jax.random.key(3), model_cfg=MODEL, actor_cfg=cfg.actor_lora,
+                                         critic_cfg=cfg.critic_lora, hyper=cfg.ppo, shards=mesh.size)
+    head = multihost_utils.process_allgather(new.params["critic"]["head"], tiled=True)
     if pid == 0:
         json.dump({"losses": losses, "adapter": [float(np.abs(x).sum()) for x in jax.tree.leaves(adapter)],
                    "ppo": {k: float(v) for k, v in jax.device_get(metrics).items()},

@@ -78,7 +78,7 @@ EIGHT_DEVICES = textwrap.dedent("""
         args = (state, jax.device_put(params, params_sh), jax.device_put(host, batch_sh), jax.random.key(0))
         compiled = fn.lower(*args).compile()
         new, metrics = fn(*args)
-        out[name] = (flops(compiled), jax.device_get(metrics), jax.device_get(new["lora"]),
+        out[name] = (flops(compiled), jax.device_get(metrics), jax.device_get(new.params),
                      hlo_stats.analyse(compiled.as_text()).collective_bytes)
     np.testing.assert_allclose(out["eight"][1]["loss"], out["one"][1]["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out["eight"][2], out["one"][2])
@@ -112,7 +112,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     pcfg, base, state, batch = make_case(["rollout.prompts_per_step=16", "ppo.minibatches=2"])
     mesh = data_mesh(8)
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
-    kw = dict(model_cfg=MODEL, actor_cfg=pcfg.actor_lora.lora(), critic_cfg=pcfg.critic_lora.lora(), hyper=pcfg.ppo,
+    kw = dict(model_cfg=MODEL, actor_cfg=pcfg.actor_lora, critic_cfg=pcfg.critic_lora, hyper=pcfg.ppo,
               shards=8)
     key = jax.random.key(3)
     c1 = update.ppo_update.lower(base, state, batch, key, **kw).compile()
@@ -123,14 +123,14 @@ EIGHT_DEVICES = textwrap.dedent("""
         s8, m8 = update.ppo_update(*args8, **kw)
     for k in m1:
         np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-3, atol=1e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(s8["params"]),
-                 jax.device_get(s1["params"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(s8.params),
+                 jax.device_get(s1.params))
     ratio = flops(c1) / flops(c8)
     assert 7.5 < ratio <= 8.01, ratio
     print("ppo flops ratio", ratio)
     rows = [[int(t) for t in rng.integers(3, 64, 5)] for _ in range(16)]
-    actor = jax.device_get(s1["params"]["actor"])  # (the update donated `state`)
-    kw = dict(max_new_tokens=8, temperature=0.7, rng=jax.random.key(5), lora=actor, lora_cfg=pcfg.actor_lora.lora())
+    actor = jax.device_get(s1.params["actor"])  # (the update donated `state`)
+    kw = dict(max_new_tokens=8, temperature=0.7, rng=jax.random.key(5), lora=actor, lora_cfg=pcfg.actor_lora)
     ref = sampling.generate(base, MODEL, rows, **kw)
     kw["lora"] = put(actor, P())
     got = sampling.generate(put(base, P()), MODEL, rows, **kw)
@@ -169,7 +169,7 @@ MEASURE = textwrap.dedent("""
     cfg = load(SFTConfig, "configs/sft/tiny.yaml")
     model_cfg, _ = plan.model_config(cfg.model, None)
     params = model.init_params(jax.random.key(0), model_cfg)
-    lora = lora_lib.init(jax.random.key(1), params, model_cfg, cfg.lora.lora_config())
+    lora = lora_lib.init(jax.random.key(1), params, model_cfg, cfg.lora)
     state = step_lib.init_state(lora, step_lib.optimizer(cfg.optim, 1000))
     rows, length = cfg.train.global_batch, 448
     rng = np.random.default_rng(0)

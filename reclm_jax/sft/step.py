@@ -146,9 +146,8 @@ def train_shardings(mesh: Mesh, params: Params, lora: Params, tx: optax.Gradient
     lora_sh = sharding.param_shardings(lora, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     shapes = jax.eval_shape(functools.partial(init_state, tx=tx), lora)
-    state_sh = {"step": replicated, "lora": lora_sh,
-                "opt_state": optax.tree_map_params(tx, lambda _, sh: sh, shapes["opt_state"], lora_sh,
-                                                   transform_non_params=lambda _: replicated)}
+    state_sh = TrainState(replicated, lora_sh, optax.tree_map_params(tx, lambda _, sh: sh, shapes.opt_state, lora_sh,
+                                                                     transform_non_params=lambda _: replicated))
     batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in BATCH_KEYS}
     return state_sh, sharding.param_shardings(params, mesh), batch_sh
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from reclm_jax.core.errors import UserError
 from reclm_jax.data.load import load_dataset
@@ -88,13 +88,7 @@ def place(mesh: Mesh | None, params: Params, lora: Params, tx: optax.GradientTra
     if mesh is None:
         return Placement(jax.jit(init)(lora), jax.tree.map(jnp.asarray, params), None,
                          lambda b: {k: jnp.asarray(b[k]) for k in step_lib.BATCH_KEYS})
-    lora_sh = sharding.param_shardings(lora, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    shapes = jax.eval_shape(init, lora)
-    state_sh = TrainState(replicated, lora_sh, optax.tree_map_params(tx, lambda _, sh: sh, shapes.opt_state, lora_sh,
-                                                                     transform_non_params=lambda _: replicated))
-    params_sh = sharding.param_shardings(params, mesh)
-    batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in step_lib.BATCH_KEYS}
+    state_sh, params_sh, batch_sh = step_lib.train_shardings(mesh, params, lora, tx)
     return Placement(jax.jit(init, out_shardings=state_sh)(lora), jax.device_put(params, params_sh),
                      (state_sh, params_sh, batch_sh),
                      lambda b: sharding.shard_batch({k: b[k] for k in step_lib.BATCH_KEYS}, mesh))
