@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reclm_jax import pipeline_cli
+from reclm_jax import pipeline_cli, plan
 from reclm_jax.core.errors import UserError
 from reclm_jax.data import cli as data_cli
 from reclm_jax.eval import cli as eval_cli
@@ -14,7 +14,7 @@ from reclm_jax.rl import cli as rl_cli
 from reclm_jax.sft import cli as sft_cli
 from reclm_jax.teacher import cli as teacher_cli
 
-STAGES = (data_cli, teacher_cli, llm_cli, sft_cli, rl_cli, eval_cli, pipeline_cli)  # in pipeline order
+STAGES = (data_cli, teacher_cli, llm_cli, sft_cli, rl_cli, eval_cli, pipeline_cli, plan)  # in pipeline order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,9 @@ earlier real slots; the returned cache has them added. Cache pytree:
      "mask": [B, S] bool,                               # slot holds a real token
      "index": int32 scalar}                             # next slot to write (shared by the batch)
 
+Inside `jax.set_mesh(mesh)` the residual stream and the cache are pinned to the mesh's batch axes
+(`sharding.constrain_batch`); the weights' layout comes from their own placement.
+
 `lora` is a separate adapter pytree (see `lora.py`), `lora_cfg` its `LoraConfig`; `dropout_rng` turns on
 LoRA dropout (training). `token_logprobs` scores given sequences (SFT loss, PPO log-probs and values).
 """
@@ -38,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from reclm_jax.llm import lora as lora_lib
+from reclm_jax.llm.sharding import constrain_batch
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 
 Params = dict[str, Any]
@@ -80,8 +84,10 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) ->
     """An empty KV cache of `max_len` slots (dtype defaults to cfg.compute_dtype)."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+    # Under a mesh the cache is split over the batch axes like the prompts (see `sharding.constrain_batch`).
+    kv = lambda: constrain_batch(jnp.zeros(shape, dtype), dim=1)  # noqa: E731
+    return {"k": kv(), "v": kv(), "mask": constrain_batch(jnp.zeros((batch, max_len), bool)),
+            "index": jnp.zeros((), jnp.int32)}
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -144,7 +150,7 @@ def _decoder_layer(cfg: LlamaConfig, lora_cfg: LoraConfig | None, h, layer, adap
     keys, values, mask, aux = kv_fn(k, v)
     h = h + linear("o", attention(q, keys, values, mask))
     x = rms_norm(h, layer["mlp_norm"], cfg.rms_norm_eps)
-    return h + linear("down", jax.nn.silu(linear("gate", x)) * linear("up", x)), aux
+    return constrain_batch(h + linear("down", jax.nn.silu(linear("gate", x)) * linear("up", x))), aux
 
 
 def forward(
@@ -168,7 +174,8 @@ def forward(
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), bool)
     attention_mask = attention_mask.astype(bool)
-    h = jnp.take(params["embed"], tokens, axis=0).astype(cdt)
+    # The residual stream stays split over the batch axes (true FSDP), whatever the weights' layout.
+    h = constrain_batch(jnp.take(params["embed"], tokens, axis=0).astype(cdt))
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     layer_adapters = {} if lora is None else lora.get("layers", {})
     use_dropout = dropout_rng is not None and lora is not None and lora_cfg.dropout > 0

@@ -13,12 +13,17 @@ Shapes are bucketed so a long run compiles a handful of programs: batch to a pow
 decode budget to a power of two up to 64 and to multiples of 64 above (`bucket`). Sampling options that change
 the program (greedy, top-k on/off, top-p on/off) are static; their values (temperature, k, p) are not.
 
+Sharding: on weights placed on a multi-device mesh (`llm.sharding`; `sharding.for_sampling` gives the
+sampling layout), the batch is rounded up to a multiple of the batch shards and prompts, KV cache and outputs
+are split over the mesh's batch axes: each device samples its own rows.
+
 Lower-level jitted pieces: `prefill(params, lora, tokens, mask, *, cfg, lora_cfg, cache_len)` ->
 (last logits [B, V], cache) and `decode(...)` (see its docstring).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterable, Sequence
@@ -27,8 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from reclm_jax.llm import constrain, model
+from reclm_jax.llm import constrain, model, sharding
 from reclm_jax.llm.automaton import RowConstraints
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 
@@ -222,19 +228,30 @@ def generate(
     stop += [-1] * (8 - len(stop) % 8)  # -1 never matches; a multiple of 8 ids: no recompile per set size
 
     n = len(prompts)
-    batch, prompt_len, out_len = bucket(n, step=1 << 30), bucket(longest), bucket(max_new_tokens)
+    # On a mesh (the weights' placement) prompts, cache and outputs are split over the batch axes.
+    mesh = sharding.mesh_of(params)
+    shards = sharding.batch_shards(mesh)
+    batch = -(-bucket(n, step=1 << 30) // shards) * shards
+    prompt_len, out_len = bucket(longest), bucket(max_new_tokens)
     rows = list(prompts) + [prompts[0]] * (batch - n)  # filler rows start done and emit nothing
     tokens, mask = left_pad(rows, prompt_len, pad_id)
-    logits, cache = prefill(params, lora, tokens, mask, cfg=cfg, lora_cfg=lora_cfg,
-                            cache_len=prompt_len + out_len)
-    out = decode(
-        params, lora, cache, logits, jnp.asarray(mask.sum(1), jnp.int32), jnp.arange(batch) >= n,
-        rng if rng is not None else jax.random.key(0), jnp.float32(temperature or 1.0), jnp.int32(top_k),
-        jnp.float32(top_p), jnp.asarray(stop, jnp.int32), jnp.int32(max_new_tokens), jnp.int32(pad_id),
-        None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size),
-        cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
-    )
-    out = jax.device_get({k: v for k, v in out.items() if k != "cache"})
+    positions, done = mask.sum(1).astype(np.int32), np.arange(batch) >= n
+    if mesh is not None:
+        tokens, mask, positions, done = (jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+                                         for x in (tokens, mask, positions, done))
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        logits, cache = prefill(params, lora, tokens, mask, cfg=cfg, lora_cfg=lora_cfg,
+                                cache_len=prompt_len + out_len)
+        out = decode(
+            params, lora, cache, logits, positions, done,
+            rng if rng is not None else jax.random.key(0), jnp.float32(temperature or 1.0), jnp.int32(top_k),
+            jnp.float32(top_p), jnp.asarray(stop, jnp.int32), jnp.int32(max_new_tokens), jnp.int32(pad_id),
+            None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size),
+            cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
+        )
+    out = {k: v for k, v in out.items() if k != "cache"}
+    # Several processes: each holds its devices' rows; every process gets all of them.
+    out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else jax.device_get(out)
     return GenerationResult(
         tokens=out["tokens"][:n, :max_new_tokens], logprobs=out["logprobs"][:n, :max_new_tokens],
         sample_logprobs=out["sample_logprobs"][:n, :max_new_tokens], lengths=out["lengths"][:n],

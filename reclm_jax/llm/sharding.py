@@ -1,15 +1,20 @@
 """Device mesh (data, fsdp, tensor) and the placement of parameters, LoRA adapters and batches on it.
 
 Every parameter dimension has a logical name (`PARAM_AXES`, the one table); a rule set maps logical names to
-mesh axes. Two rule sets:
+mesh axes. One mesh serves every stage; the rule sets say how each stage lays weights on it:
 
 - `TRAIN_RULES`: weights sharded over `fsdp` along the embedding dimension (ZeRO-3 style: XLA gathers them
-  where they are used) and over `tensor` along heads / MLP / vocabulary; batches over (data, fsdp).
+  layer by layer where they are used) and over `tensor` along heads / MLP / vocabulary.
 - `SAMPLE_RULES`: weights replicated over `fsdp` (no all-gather per decoded token) and tensor-parallel only;
-  the fsdp axis then serves as more data parallelism for the prompts.
+  the fsdp axis then serves as more data parallelism for the prompts and the KV cache. `for_sampling`
+  reshards a training layout to it before generation (a copy, dropped after sampling).
+- `REPLICATED_RULES`: weights replicated, pure data parallelism (PPO's frozen base when it fits a device).
 
+Under every rule set the batch is split over (data, fsdp) (`BATCH_AXES`). Activations are pinned there too:
+inside `jax.set_mesh(mesh)` the model calls `constrain_batch` on the residual stream of every layer and on
+the KV cache (true FSDP: without it the embedding output inherits the weights' hidden-dimension sharding
+and XLA gathers the whole batch onto every device). Outside a mesh context it is a no-op.
 A dimension whose size the mesh axis does not divide stays replicated (e.g. 3 kv heads on tensor=2).
-`jit` propagates these input shardings through the model (GSPMD); the model code itself has no sharding.
 Multi-host: `initialize_distributed` calls `jax.distributed.initialize` when the config asks for it or the
 usual coordinator environment variables are set; each host then loads the same checkpoint and feeds its own
 share of every batch (`shard_batch`).
@@ -28,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
 # Logical axes of every parameter (model.py layout; layers are stacked on the leading axis).
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -52,6 +58,8 @@ TRAIN_RULES: Rules = {
     "layers": None, "norm": None, "lora_rank": None,
 }
 SAMPLE_RULES: Rules = {**TRAIN_RULES, "embed": None}
+REPLICATED_RULES: Rules = {**SAMPLE_RULES, "vocab": None, "heads": None, "kv_heads": None, "mlp": None}
+RULES: dict[str, Rules] = {"fsdp": TRAIN_RULES, "sample": SAMPLE_RULES, "replicated": REPLICATED_RULES}
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,9 @@ def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, ru
         mesh_axes = rules.get(axis)
         if mesh_axes is not None:
             names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-            if size % math.prod(mesh.shape[n] for n in names):
+            names = tuple(n for n in names if n in mesh.shape)  # a smaller mesh (PPO's 1-D one) lacks some
+            mesh_axes = (names[0] if len(names) == 1 else names) if names else None
+            if mesh_axes is not None and size % math.prod(mesh.shape[n] for n in names):
                 mesh_axes = None
         spec.append(mesh_axes)
     return PartitionSpec(*spec)
@@ -153,7 +163,45 @@ def shard_params(tree: Any, mesh: Mesh, rules: Rules = TRAIN_RULES) -> Any:
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSharding:
     """Leading (batch) dimension over the batch mesh axes, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(rules["batch"], *([None] * (ndim - 1))))
+    return NamedSharding(mesh, PartitionSpec(mesh_batch_axes(mesh, rules), *([None] * (ndim - 1))))
+
+
+def mesh_batch_axes(mesh: Any, rules: Rules = TRAIN_RULES) -> tuple[str, ...]:
+    """The batch axes that `mesh` (concrete or abstract) has; a 1-D ("data",) mesh has just "data"."""
+    return tuple(a for a in rules["batch"] if a in mesh.axis_names)
+
+
+def batch_shards(mesh: Any) -> int:
+    """Into how many pieces the batch is split on `mesh` (1 for None or an empty mesh)."""
+    if mesh is None or mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in mesh_batch_axes(mesh))
+
+
+def constrain_batch(x: jax.Array, dim: int = 0) -> jax.Array:
+    """Pin dimension `dim` of an activation to the batch axes of the current mesh (`jax.set_mesh`), the rest
+    replicated; a no-op without a mesh or when the batch does not divide evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = batch_shards(mesh)
+    if shards == 1 or x.shape[dim] % shards:
+        return x
+    spec = [None] * x.ndim
+    spec[dim] = mesh_batch_axes(mesh)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh a pytree's arrays are placed on (from its first leaf), or None (one device, host arrays)."""
+    leaves = jax.tree.leaves(tree)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def for_sampling(tree: Any) -> Any:
+    """A copy of a placed parameter or LoRA pytree in the sampling layout (`SAMPLE_RULES`) of its mesh; the
+    tree itself when it is not on a multi-device mesh."""
+    mesh = mesh_of(tree)
+    return tree if mesh is None else shard_params(tree, mesh, SAMPLE_RULES)
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules = TRAIN_RULES) -> Any:

@@ -65,7 +65,7 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
 def data_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over the first `num_devices` devices (all by default): the update's batch is split over
     "data", the base and the train state are replicated (an RL step's adapters and batch are small; a 7B base
-    in bfloat16 fits each A100-40GB). Sampling runs the sampler on the replicated base as it is."""
+    in bfloat16 fits each A100-40GB). Sampling and the update split the batch: each device works on its rows."""
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
@@ -103,9 +103,10 @@ class PPOTrainer:
         scores, stats = self.scorer.score(prompts, gen.tokens, gen.lengths, r.responses_per_prompt, self.policy.stop_ids)
         batch = rollout.build_batch(prompts, gen, scores, r.responses_per_prompt, self.policy.pad_id)
         clock.append((time.perf_counter(), time.process_time()))
-        state, metrics = ppo_update(self.base, state, jax.device_put(batch, self.split), update_key,
-                                    model_cfg=self.model_cfg, actor_cfg=self.actor_cfg, critic_cfg=self.critic_cfg,
-                                    hyper=self.cfg.ppo)
+        with jax.set_mesh(self.mesh):  # activations pinned to the batch axis; minibatches keep the split
+            state, metrics = ppo_update(self.base, state, jax.device_put(batch, self.split), update_key,
+                                        model_cfg=self.model_cfg, actor_cfg=self.actor_cfg, critic_cfg=self.critic_cfg,
+                                        hyper=self.cfg.ppo, shards=self.mesh.size)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         clock.append((time.perf_counter(), time.process_time()))
         # wall and process CPU seconds of each part (CPU time is the steadier number on a shared machine)

@@ -23,7 +23,9 @@ sequence position P + j - 1 (its value is read from the same hidden state).
 The update, all inside one jit: reference log-probs and critic values of the batch (in minibatch chunks, no
 gradient), and with `recompute_logprobs` the policy's log-probs too (replacing the sampler's, see PPOHyper);
 per-token rewards scores - eta * KL; reward whitening to unit std with the mean kept (TRL's shift_mean=False);
-GAE as a reverse scan; advantage whitening; then `epochs` passes over shuffled minibatches (`lax.scan`), each
+GAE as a reverse scan; advantage whitening; then `epochs` passes over shuffled minibatches (`lax.scan`; with the
+batch split over devices, each device shuffles its own rows and every minibatch takes rows of every device, so
+the batch is never gathered: data-parallel PPO), each
 minibatch a clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy, one AdamW step after global-norm
 clipping. Early stop: once a minibatch's approximate KL to the sampling policy (measured in its own forward
 pass, before its step) exceeds `target_kl`, that step and all later ones in this update are skipped.
@@ -41,6 +43,7 @@ import optax
 from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm import model
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
+from reclm_jax.llm.sharding import constrain_batch
 from reclm_jax.rl import critic, ppo_math as pm
 from reclm_jax.rl.config import PPOConfig, PPOHyper
 from reclm_jax.training.state import TrainState
@@ -103,13 +106,33 @@ def score_batch(base, trainable, batch, *, model_cfg, actor_cfg, critic_cfg, chu
             out["policy"] = logprobs(trainable["actor"], actor_cfg)
         return out
 
-    chunked = {k: _chunk(batch[k], chunks) for k in ("tokens", "attention_mask")}
-    n = batch["tokens"].shape[0]
-    return jax.tree.map(lambda x: x.reshape(n, response_len), jax.lax.map(one, chunked))
+    chunked = {k: _interleave(batch[k], chunks) for k in ("tokens", "attention_mask")}
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, response_len), jax.lax.map(one, chunked))
 
 
-def _chunk(x: jax.Array, chunks: int) -> jax.Array:
-    return x.reshape(chunks, x.shape[0] // chunks, *x.shape[1:])
+def _interleave(x: jax.Array, chunks: int) -> jax.Array:
+    """[N, ...] -> [chunks, N / chunks, ...], chunk i = rows i, i + chunks, ...: a batch split over devices in
+    contiguous blocks keeps every chunk split the same way (no device computes another's rows)."""
+    return x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]).swapaxes(0, 1)
+
+
+def minibatches(data: dict[str, jax.Array], key: jax.Array, m: int, shards: int) -> dict[str, jax.Array]:
+    """Shuffled minibatches [m, N / m, ...] of a batch split into `shards` contiguous blocks (one per device):
+    each block is shuffled on its own and every minibatch takes N / (m x shards) rows of each block, so the
+    rows never leave their device. One shard is the plain global shuffle."""
+    n = data["tokens"].shape[0]
+    if n % (m * shards):
+        raise ValueError(f"ppo_update: {n} sequences do not split into {m} minibatches x {shards} batch shards")
+    keys = key[None] if shards == 1 else jax.random.split(key, shards)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, n // shards))(keys)
+
+    def leaf(x):
+        rest = x.shape[1:]
+        blocks = jax.vmap(lambda block, perm: block[perm])(x.reshape(shards, n // shards, *rest), perms)
+        mbs = blocks.reshape(shards, m, n // (m * shards), *rest).swapaxes(0, 1).reshape(m, n // m, *rest)
+        return constrain_batch(mbs, dim=1)
+
+    return jax.tree.map(leaf, data)
 
 
 def advantages(batch, ref_logprobs, values, hyper: PPOHyper):
@@ -141,11 +164,13 @@ def minibatch_loss(trainable, base, mb, rng, *, model_cfg, actor_cfg, critic_cfg
     return loss, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, **pg_stats, **vf_stats}
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper"),
+@functools.partial(jax.jit, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper", "shards"),
                    donate_argnames=("state",))
 def ppo_update(base: Params, state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, model_cfg: LlamaConfig,
-               actor_cfg: LoraConfig, critic_cfg: LoraConfig, hyper: PPOHyper) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One PPO step on a rollout batch; see the module docstring. Returns the new state and scalar metrics."""
+               actor_cfg: LoraConfig, critic_cfg: LoraConfig, hyper: PPOHyper,
+               shards: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One PPO step on a rollout batch; see the module docstring. Returns the new state and scalar metrics.
+    `shards`: the batch's split over devices (`sharding.batch_shards(mesh)`), which the minibatches keep."""
     batch = {k: batch[k] for k in BATCH_KEYS}
     n = batch["tokens"].shape[0]
     m = hyper.minibatches
@@ -187,8 +212,7 @@ def ppo_update(base: Params, state: TrainState, batch: dict[str, jax.Array], key
 
     def epoch(carry, rng):
         perm_key, mb_key = jax.random.split(rng)
-        perm = jax.random.permutation(perm_key, n)
-        mbs = jax.tree.map(lambda x: _chunk(x[perm], m), data)
+        mbs = minibatches(data, perm_key, m, shards)
         return jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(mb_key, m)))
 
     (trainable, opt_state, _), stats = jax.lax.scan(epoch, (trainable, state.opt_state, jnp.bool_(False)),

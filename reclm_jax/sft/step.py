@@ -21,8 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reclm_jax.llm import model
+from reclm_jax.llm import model, sharding
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.sft.config import OptimConfig
 from reclm_jax.training.state import TrainState
@@ -137,16 +138,42 @@ def train_step(state: TrainState, params: Params, batch: dict[str, jax.Array], d
     return new, metrics
 
 
+def train_shardings(mesh: Mesh, params: Params, lora: Params, tx: optax.GradientTransformation
+                    ) -> tuple[Any, Any, Any]:
+    """(state, params, batch) shardings for `jit_train_step` on `mesh` (arrays or shape structs): the frozen
+    base, the adapter and its Adam moments by `llm.sharding`'s training rules, counters replicated, batches
+    over the batch axes."""
+    lora_sh = sharding.param_shardings(lora, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shapes = jax.eval_shape(functools.partial(init_state, tx=tx), lora)
+    state_sh = TrainState(replicated, lora_sh, optax.tree_map_params(tx, lambda _, sh: sh, shapes.opt_state, lora_sh,
+                                                                     transform_non_params=lambda _: replicated))
+    batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    return state_sh, sharding.param_shardings(params, mesh), batch_sh
+
+
 def jit_train_step(cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, accum: int,
                    response_len: int, shardings: tuple[Any, Any, Any] | None = None,
-                   lr: optax.Schedule | None = None):
+                   lr: optax.Schedule | None = None, mesh: Mesh | None = None):
     """`train_step` jitted with the configs static and the state donated. `shardings` = (state, params,
     batch) shardings (pytrees of `jax.sharding.Sharding`) pins the layouts on a mesh; None lets inputs'
-    placements decide (one device)."""
+    placements decide (one device). On a `mesh`, activations are pinned to its batch axes (true FSDP)."""
     fn = functools.partial(train_step, cfg=cfg, lora_cfg=lora_cfg, tx=tx, accum=accum,
                            response_len=response_len, lr=lr)
+    if mesh is not None:
+        fn = _under_mesh(fn, mesh)
     if shardings is None:
         return jax.jit(fn, donate_argnums=0)
     state_sh, params_sh, batch_sh = shardings
     return jax.jit(fn, donate_argnums=0, in_shardings=(state_sh, params_sh, batch_sh, None),
                    out_shardings=(state_sh, None))
+
+
+def _under_mesh(fn, mesh: Mesh):
+    """`fn` traced under `mesh` (where `sharding.constrain_batch` finds the batch axes)."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return wrapped

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from reclm_jax.core.errors import UserError
 from reclm_jax.data.load import load_dataset
@@ -88,13 +88,7 @@ def place(mesh: Mesh | None, params: Params, lora: Params, tx: optax.GradientTra
     if mesh is None:
         return Placement(jax.jit(init)(lora), jax.tree.map(jnp.asarray, params), None,
                          lambda b: {k: jnp.asarray(b[k]) for k in step_lib.BATCH_KEYS})
-    lora_sh = sharding.param_shardings(lora, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    shapes = jax.eval_shape(init, lora)
-    state_sh = TrainState(replicated, lora_sh, optax.tree_map_params(tx, lambda _, sh: sh, shapes.opt_state, lora_sh,
-                                                                     transform_non_params=lambda _: replicated))
-    params_sh = sharding.param_shardings(params, mesh)
-    batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in step_lib.BATCH_KEYS}
+    state_sh, params_sh, batch_sh = step_lib.train_shardings(mesh, params, lora, tx)
     return Placement(jax.jit(init, out_shardings=state_sh)(lora), jax.device_put(params, params_sh),
                      (state_sh, params_sh, batch_sh),
                      lambda b: sharding.shard_batch({k: b[k] for k in step_lib.BATCH_KEYS}, mesh))
@@ -110,7 +104,7 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
     placed = place(setup.mesh, setup.params, setup.lora, tx)
     train_step = step_lib.jit_train_step(setup.model_cfg, setup.lora_cfg, tx, setup.accum,
                                          cfg.tasks.max_response_tokens, placed.shardings,
-                                         lr=step_lib.schedule(cfg.optim, setup.total_steps))
+                                         lr=step_lib.schedule(cfg.optim, setup.total_steps), mesh=setup.mesh)
     dropout_key = jax.random.key(cfg.train.seed)
 
     def step(state: TrainState, host_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, Any]]:
@@ -124,7 +118,9 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
 
     validate = None
     if setup.validate is not None:
-        validate = lambda state, step: setup.validate(placed.params, state.params, step)  # noqa: E731
+        # the sampling layout: weights replicated over fsdp, prompts and cache split (a copy, freed after)
+        validate = lambda state, step: setup.validate(sharding.for_sampling(placed.params),  # noqa: E731
+                                                      sharding.for_sampling(state.params), step)
     peak = peak_flops(override=None if cfg.train.peak_tflops is None else cfg.train.peak_tflops * 1e12)
     return loop.train(run, placed.state, step, iter(setup.batches), total_steps=setup.total_steps,
                       checkpoint=cfg.checkpoint, progress=progress, description="sft", valid_every=cfg.valid.every,

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# SFT on a Cloud TPU pod slice (e.g. v5litepod-16: 4 hosts x 4 chips): the same command on every worker.
+#
+#   reclm-jax plan --config configs/sft/llama2-7b-paper.yaml --devices 16 --accelerator tpu-v5e mesh.fsdp=16
+#   TPU=my-v5e-16 ZONE=us-west4-a scripts/tpu_pod_sft.sh --config configs/sft/llama2-7b-paper.yaml mesh.fsdp=16
+#
+# Every worker must have this repository at the same path (REPO, default ~/reclm-jax) with `pip install -e .`
+# and jax[tpu] done, and see out_dir, the teacher and the base model (a GCS-fused or NFS path). On TPU,
+# jax.distributed.initialize finds the other workers by itself; mesh.multi_host=true asks for it.
+set -euo pipefail
+: "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
+REPO="${REPO:-~/reclm-jax}"
+printf -v ARGS ' %q' "$@"
+gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all \
+  --command "cd $REPO && python -m reclm_jax.cli sft$ARGS mesh.multi_host=true"
