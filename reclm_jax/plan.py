@@ -110,7 +110,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def model_config(m: Any, preset: str | None) -> tuple[Any, str]:
     """The LlamaConfig a config's `model` section runs (with its dtypes and remat), and a note on its source.
     Weights are never read: a checkpoint's config.json or GGUF header is, or the preset's shape."""
-    from reclm_jax.cli import UserError
+    from reclm_jax.core.errors import UserError
     from reclm_jax.llm import hf_io
     from reclm_jax.llm.config import PRESETS
 
@@ -176,7 +176,7 @@ def sft_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
 
     import jax
 
-    from reclm_jax.cli import UserError
+    from reclm_jax.core.errors import UserError
     from reclm_jax.llm import lora as lora_lib, model, sampling, sharding
     from reclm_jax.sft import step as step_lib
 
@@ -378,7 +378,7 @@ def register(sub) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     """Re-run as `python -m reclm_jax.plan` with N fake CPU devices (they must exist before JAX starts)."""
-    from reclm_jax.cli import UserError
+    from reclm_jax.core.errors import UserError
 
     if args.devices < 1:
         raise UserError(f"--devices must be >= 1, got {args.devices}")
@@ -396,7 +396,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from reclm_jax.assets import AssetError
-    from reclm_jax.cli import UserError
+    from reclm_jax.core.errors import UserError
     from reclm_jax.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="reclm-jax plan")
