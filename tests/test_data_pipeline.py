@@ -38,7 +38,7 @@ def test_own_files_through_stats_teacher_and_pipeline(tmp_path, monkeypatch, cap
         "sft.train.global_batch=2", "sft.train.micro_batch=2", "sft.train.steps=2", "sft.valid.every=0",
         "sft.checkpoint.every=2",
         "ppo.rollout.prompts_per_step=2", "ppo.rollout.max_new_tokens=8", "ppo.ppo.minibatches=1",
-        "ppo.ppo.epochs=1", "ppo.train.steps=1", "ppo.train.checkpoint_every=1",
+        "ppo.ppo.epochs=1", "ppo.train.steps=1", "ppo.checkpoint.every=1",
         "eval.users=2", "eval.generation.max_new_tokens=8", "eval.generation.batch_size=4",
     ]
     assert main(["pipeline", "--config", "configs/pipeline/demo.yaml", "--quiet", *overrides]) == 0
