@@ -114,5 +114,8 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_restored(tmp_pa
         (step_dir / "_METADATA").unlink()
     with Checkpointer(tmp_path, keep_last=2) as ckpt:
         restored, _, step, warnings = ckpt.restore_newest(abstract(state(0)))
+        assert ckpt.latest_step() == 1  # the damaged step is gone, so the run can save step 2 again
+        ckpt.save(2, state(2))
     assert step == 1 and int(restored["step"]) == 1
-    assert "checkpoint step 2" in warnings[0] and warnings[-1] == "resuming from step 1 instead"
+    assert "checkpoint step 2" in warnings[0]
+    assert warnings[-1] == "resuming from step 1 instead (removed the damaged step 2)"

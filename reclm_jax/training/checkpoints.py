@@ -93,13 +93,19 @@ class Checkpointer:
         """(state, extra, step, warnings) of the newest checkpoint that restores: a damaged one is named in the
         warnings and the one before it tried. Raises RunError when none restores."""
         warnings: list[str] = []
+        damaged: list[int] = []
         for step in sorted(self._last.all_steps(), reverse=True):
             try:
                 state, extra = self.restore(abstract_state, data=data, step=step)
                 if warnings:
-                    warnings.append(f"resuming from step {step} instead")
+                    # The run saves these steps again as it passes them: orbax refuses to overwrite a step.
+                    for bad in damaged:
+                        self._last.delete(bad)
+                    warnings.append(f"resuming from step {step} instead (removed the damaged "
+                                    f"step{'s' if len(damaged) > 1 else ''} {', '.join(map(str, damaged))})")
                 return state, extra, step, warnings
             except Exception as e:  # orbax and tensorstore raise many types for a damaged or mismatched file
+                damaged.append(step)
                 warnings.append(f"checkpoint step {step} in {self.directory / LAST} cannot be restored "
                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         raise RunError("; ".join(warnings) + " - no checkpoint is left to resume from; pass --no-resume to "
