@@ -252,7 +252,7 @@ def test_merged_export_of_the_trained_adapter_generates_the_same_greedy_tokens_i
     transformers = pytest.importorskip("transformers")
     from reclm_jax.llm import hf_io, sampling
 
-    params, adapter = jax.device_get(base_params()), jax.device_get(straight[0]["lora"])
+    params, adapter = jax.device_get(base_params()), jax.device_get(straight[0].state.params)
     hf_io.save_hf_dir(tmp_path, lora_lib.merge(params, adapter, LORA), CFG)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
     tokens = next(iter(batches()))["tokens"]
