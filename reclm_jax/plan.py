@@ -209,13 +209,18 @@ def sft_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
             lora, sharding.param_shardings(lora, mesh, sharding.SAMPLE_RULES), lora_cfg, cfg.valid.batch_size,
             max_prompt, cfg.valid.max_new_tokens, sampling.SamplingMode(True, False, False),
             "valid.batch_size, valid.max_new_tokens")
+    return _finish(programs, model_cfg, source,
+                   f"mesh (data, fsdp, tensor) = {tuple(mesh.shape.values())}: training weights FSDP-sharded, "
+                   "validation resharded to the sampling layout (replicated over fsdp), prompts and KV cache split "
+                   "over the batch")
+
+
+def _finish(programs: list[Program], model_cfg: Any, source: str, mesh_note: str) -> tuple[list[Program], list[str]]:
+    """Mark the programs' weight dtype and describe the model and its mesh: the tail of every stage's plan."""
     for prog in programs:
         prog.bf16_weights = model_cfg.param_dtype == "bfloat16"
-    notes = [f"model: {source}, {model_cfg.num_params / 1e9:.3g}e9 parameters, {model_cfg.param_dtype} weights, "
-             f"{model_cfg.compute_dtype} compute, remat {model_cfg.remat}",
-             f"mesh (data, fsdp, tensor) = {tuple(mesh.shape.values())}: training weights FSDP-sharded, validation "
-             "resharded to the sampling layout (replicated over fsdp), prompts and KV cache split over the batch"]
-    return programs, notes
+    return programs, [f"model: {source}, {model_cfg.num_params / 1e9:.3g}e9 parameters, {model_cfg.param_dtype} "
+                      f"weights, {model_cfg.compute_dtype} compute, remat {model_cfg.remat}", mesh_note]
 
 
 def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], list[str]]:
@@ -255,13 +260,9 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
         r.max_prompt_tokens, r.max_new_tokens,
         sampling.SamplingMode(greedy=False, top_k=r.top_k > 0, top_p=r.top_p < 1.0),
         "rollout.prompts_per_step, rollout.max_new_tokens")
-    for prog in programs:
-        prog.bf16_weights = model_cfg.param_dtype == "bfloat16"
-    notes = [f"model: {source}, {model_cfg.num_params / 1e9:.3g}e9 parameters, {model_cfg.param_dtype} weights, "
-             f"{model_cfg.compute_dtype} compute, remat {model_cfg.remat}",
-             f"mesh: data = {mesh.size} (train.data_parallel): base and adapters replicated, rollout rows, "
-             "sampler cache and update minibatches split over the devices"]
-    return programs, notes
+    return _finish(programs, model_cfg, source,
+                   f"mesh: data = {mesh.size} (train.data_parallel): base and adapters replicated, rollout rows, "
+                   "sampler cache and update minibatches split over the devices")
 
 
 def measure(prog: Program, acc: Accelerator, mfu: float, mbu: float, devices: int) -> Row:
