@@ -5,6 +5,7 @@ import json
 
 import pytest
 from own_data import bookshop, write_bookshop
+from test_pipeline import tiny_model_stages
 
 from reclm_jax import assets
 from reclm_jax.cli import main
@@ -33,13 +34,7 @@ def test_own_files_through_stats_teacher_and_pipeline(tmp_path, monkeypatch, cap
     assert "[control]" in (text := capsys.readouterr().out) and any(f"'{t}'" in text for t in titles)
     overrides = [
         f"out_dir={out}", f"data.name={shop}",
-        f"sft.model.base={gguf}", f"sft.model.tokenizer={gguf}",
-        "sft.tasks.min_k=3", "sft.tasks.max_k=3", "sft.tasks.max_length=384", "sft.tasks.buckets=[384]",
-        "sft.train.global_batch=2", "sft.train.micro_batch=2", "sft.train.steps=2", "sft.valid.every=0",
-        "sft.checkpoint.every=2",
-        "ppo.rollout.prompts_per_step=2", "ppo.rollout.max_new_tokens=8", "ppo.ppo.minibatches=1",
-        "ppo.ppo.epochs=1", "ppo.train.steps=1", "ppo.checkpoint.every=1",
-        "eval.users=2", "eval.generation.max_new_tokens=8", "eval.generation.batch_size=4",
+        *tiny_model_stages(gguf),
     ]
     assert main(["pipeline", "--config", "configs/pipeline/demo.yaml", "--quiet", *overrides]) == 0
     err = capsys.readouterr().err

@@ -24,6 +24,19 @@ def test_stage_configs_connect_the_stages():
         config.load(PipelineConfig, None, ["ppo.rollout.title_match=exact"])
 
 
+def tiny_model_stages(gguf: str) -> list[str]:
+    """Overrides that shrink the demo's SFT, PPO and evaluation to a few steps of the tiny GGUF model."""
+    return [
+        f"sft.model.base={gguf}", f"sft.model.tokenizer={gguf}",
+        "sft.tasks.min_k=3", "sft.tasks.max_k=3", "sft.tasks.max_length=384", "sft.tasks.buckets=[384]",
+        "sft.train.global_batch=2", "sft.train.micro_batch=2", "sft.train.steps=2", "sft.valid.every=0",
+        "sft.checkpoint.every=2",
+        "ppo.rollout.prompts_per_step=2", "ppo.rollout.max_new_tokens=8", "ppo.ppo.minibatches=1",
+        "ppo.ppo.epochs=1", "ppo.train.steps=1", "ppo.checkpoint.every=1",
+        "eval.users=2", "eval.generation.max_new_tokens=8", "eval.generation.batch_size=4",
+    ]
+
+
 @pytest.mark.network
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
@@ -33,13 +46,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
         f"out_dir={out}",
         "teacher.model.max_len=10", "teacher.model.width=16", "teacher.train.max_epochs=2",
         "teacher.train.batch_size=256",
-        f"sft.model.base={gguf}", f"sft.model.tokenizer={gguf}",
-        "sft.tasks.min_k=3", "sft.tasks.max_k=3", "sft.tasks.max_length=384", "sft.tasks.buckets=[384]",
-        "sft.train.global_batch=2", "sft.train.micro_batch=2", "sft.train.steps=2", "sft.valid.every=0",
-        "sft.checkpoint.every=2",
-        "ppo.rollout.prompts_per_step=2", "ppo.rollout.max_new_tokens=8", "ppo.ppo.minibatches=1",
-        "ppo.ppo.epochs=1", "ppo.train.steps=1", "ppo.checkpoint.every=1",
-        "eval.users=2", "eval.generation.max_new_tokens=8", "eval.generation.batch_size=4",
+        *tiny_model_stages(gguf),
     ]
     args = ["pipeline", "--config", "configs/pipeline/demo.yaml", "--quiet", *overrides]
     assert main(args) == 0
