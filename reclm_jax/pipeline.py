@@ -42,6 +42,8 @@ class EvalSection:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     # Also decode under these constraints ("catalogue", "intent"): extra rows beside the unconstrained ones.
     constrain: tuple[str, ...] = ()
+    # Which models get the constrained rows: "all", or "final" (the last trained one: what would be served).
+    constrain_models: Literal["all", "final"] = "all"
 
     def __post_init__(self):
         if self.bootstrap < 1:
@@ -160,6 +162,8 @@ def _evaluate(cfg: PipelineConfig, lay: Layout, dataset, sft_cfg: SFTConfig, pro
         runs.append(ModelRun("SFT", base, (str(lay.sft_adapter),), tok))
     if lay.done("ppo"):
         runs.append(ModelRun("SFT + PPO", base, (str(lay.sft_adapter), str(lay.ppo_adapter)), tok))
+    if cfg.eval.constrain_models == "final":
+        runs = [replace(r, constrain=r is runs[-1]) for r in runs]
     task_cfg = replace(sft_cfg.tasks, seed=cfg.eval.seed, test_users=cfg.eval.users, sharegpt_ratio=0.0)
     run_evaluation(dataset, Teacher.load(lay.teacher), runs, lay.eval, task_cfg=task_cfg,
                    settings=cfg.eval.generation, title_match=cfg.eval.title_match, resamples=cfg.eval.bootstrap,

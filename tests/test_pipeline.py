@@ -54,6 +54,8 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert all(lay.done(stage) for stage in ("teacher", "sft", "ppo", "evaluate", "export"))
     tables = json.loads((lay.eval / "tables.json").read_text())
     assert "SFT + PPO" in json.dumps(tables) and "SASRec" in json.dumps(tables)
+    # the demo's constrain_models=final: constrained rows for the final model only
+    assert "SFT + PPO [intent-constrained]" in json.dumps(tables) and "SFT [intent-constrained]" not in json.dumps(tables)
     assert json.loads((lay.export / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     capsys.readouterr()
     assert main(args) == 0  # a second run finds every stage done

@@ -270,6 +270,7 @@ class ModelRun:
     model: str
     loras: tuple[str, ...] = ()
     tokenizer: str | None = None  # default: the model's own
+    constrain: bool = True  # also decoded under run_evaluation's constraint modes
 
 
 def _fingerprint(path: str | None) -> list | None:
@@ -305,7 +306,8 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     teacher's, then one per run. Titles are shown and matched as the first run's tokenizer cuts them
     (`tasks.encode.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`; intervals
     from `resamples` bootstrap resamples seeded by task_cfg.seed. `constrain` ("catalogue", "intent"): each run
-    is also decoded under those modes, as extra rows labelled `constrained_label` beside its unconstrained row."""
+    whose `constrain` is set is also decoded under those modes, as extra rows labelled `constrained_label`
+    beside its unconstrained row."""
     labels = [r.label for r in runs]
     if not runs or len(set(labels)) != len(labels) or TEACHER_ROW in labels:
         raise ValueError(f"row labels must be unique and not {TEACHER_ROW!r}, got {labels}")
@@ -328,7 +330,7 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     shared.pop("batch_size")  # does not change greedy answers
     for run in runs:
         model = None
-        for mode in ("none", *constrain):  # the paper's unconstrained row, then each constrained one beside it
+        for mode in ("none", *(constrain if run.constrain else ())):  # the paper's unconstrained row, then each constrained one beside it
             label = run.label if mode == "none" else constrained_label(run.label, mode)
             run_dir = out_dir / "runs" / run_slug(label)
             result_file = run_dir / "metrics.json"
