@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,6 +35,7 @@ import optax  # noqa: E402
 
 from reclm_jax.llm import lora, model, sampling  # noqa: E402
 from reclm_jax.llm.config import LAYER_TARGETS, PRESETS, LlamaConfig, LoraConfig  # noqa: E402
+from reference_logprobs import token_logprobs  # noqa: E402  (scores every position)
 from timing import timed  # noqa: E402
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) from the vendors' data sheets (SXM parts).
@@ -64,7 +66,7 @@ def lora_step_flops(cfg: LlamaConfig, batch: int, seq: int) -> float:
 
 def train_step_fn(cfg: LlamaConfig, lora_cfg: LoraConfig, optimizer):
     def loss_fn(adapter, params, tokens, rng):
-        logp, _ = model.token_logprobs(params, cfg, tokens, lora=adapter, lora_cfg=lora_cfg, dropout_rng=rng)
+        logp, _ = token_logprobs(params, cfg, tokens, lora=adapter, lora_cfg=lora_cfg, dropout_rng=rng)
         return -jnp.mean(logp)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))

@@ -28,18 +28,23 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reclm_jax.llm import hf_io, model
+from reclm_jax.llm import hf_io
 from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import OptimConfig
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from reference_logprobs import token_logprobs  # noqa: E402  (scores every position)
 
 MATMUL_F32_GFLOPS = 390  # this CPU's float32 matrix-product rate (shared/notes/assets.md)
 
@@ -47,8 +52,8 @@ MATMUL_F32_GFLOPS = 390  # this CPU's float32 matrix-product rate (shared/notes/
 def all_position_loss(lora, params, batch, dropout_rng, *, cfg, lora_cfg, response_len):
     """The loss with logits at every position (what SFT computed before gathering the response positions)."""
     del response_len
-    logprobs, _ = model.token_logprobs(params, cfg, batch["tokens"], batch["attention_mask"], lora=lora,
-                                       lora_cfg=lora_cfg, dropout_rng=dropout_rng)
+    logprobs, _ = token_logprobs(params, cfg, batch["tokens"], batch["attention_mask"], lora=lora,
+                                 lora_cfg=lora_cfg, dropout_rng=dropout_rng)
     return step_lib.response_loss(logprobs, batch["loss_mask"][:, 1:])[0]
 
 

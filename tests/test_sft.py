@@ -24,6 +24,7 @@ from reclm_jax.sft.config import CheckpointConfig, OptimConfig, SFTConfig, Train
 from reclm_jax.core.errors import RunError
 from reclm_jax.sft.trainer import RunSetup, place, train
 from reclm_jax.tasks.samples import Sample
+from reference_logprobs import token_logprobs
 
 CFG = PRESETS["tiny"]
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=LORA_TARGETS)  # lm_head too: a 0.02-init base caps logits
@@ -62,7 +63,7 @@ def test_batch_loss_equals_the_loss_over_all_positions():
     params = base_params()
     lora = jax.tree.map(lambda x: x + 0.01, init_lora(jax.random.key(1), params, CFG, LORA))
     batch = jax.tree.map(jnp.asarray, next(iter(batches())))
-    logprobs, _ = model.token_logprobs(params, CFG, batch["tokens"], batch["attention_mask"], lora=lora,
+    logprobs, _ = token_logprobs(params, CFG, batch["tokens"], batch["attention_mask"], lora=lora,
                                        lora_cfg=LORA)
     mask = batch["loss_mask"][:, 1:].astype(np.float32)
     expected = np.mean(-(logprobs * mask).sum(-1) / mask.sum(-1))

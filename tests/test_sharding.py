@@ -64,7 +64,8 @@ SCRIPT = textwrap.dedent(
     mask[1, :5] = mask[6, :3] = False  # left padding
 
     def loss(params, adapter, tokens, mask):
-        logp, _ = model.token_logprobs(params, cfg, tokens, mask, lora=adapter, lora_cfg=lora_cfg)
+        logp = jax.nn.log_softmax(logits(params, adapter, tokens, mask)[:, :-1])
+        logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
         weights = mask[:, 1:]
         return -(logp * weights).sum() / weights.sum()
 

@@ -30,7 +30,7 @@ Inside `jax.set_mesh(mesh)` the residual stream and the cache are pinned to the 
 (`sharding.constrain_batch`); the weights' layout comes from their own placement.
 
 `lora` is a separate adapter pytree (see `lora.py`), `lora_cfg` its `LoraConfig`; `dropout_rng` turns on
-LoRA dropout (training). `token_logprobs` scores given sequences (SFT loss, PPO log-probs and values).
+LoRA dropout (training).
 """
 
 from __future__ import annotations
@@ -234,29 +234,3 @@ def lm_logits(params: Params, cfg: LlamaConfig, hidden: jax.Array, lora: Params 
     return lora_lib.linear(hidden, kernel, adapter, lora_cfg, dropout_rng, out_dtype=jnp.float32,
                            matmul_dtype=cfg.matmul_dtype)
 
-
-def token_logprobs(
-    params: Params,
-    cfg: LlamaConfig,
-    tokens: jax.Array,
-    attention_mask: jax.Array | None = None,
-    *,
-    lora: Params | None = None,
-    lora_cfg: LoraConfig | None = None,
-    dropout_rng: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Score given sequences: log p(tokens[:, t+1] | tokens[:, :t+1]) [B, T-1] float32, and hidden [B, T, D].
-
-    Works for left- or right-padded batches (positions come from the mask); entries whose target is padding
-    are meaningless and must be masked by the caller with `attention_mask[:, 1:]`. `hidden[:, t]` is the state
-    that predicts token t+1 (a value head reads it).
-    """
-    if attention_mask is None:
-        attention_mask = jnp.ones(tokens.shape, bool)
-    logits, hidden, _ = forward(params, cfg, tokens, positions_from_mask(attention_mask),
-                                attention_mask=attention_mask, lora=lora, lora_cfg=lora_cfg,
-                                dropout_rng=dropout_rng)
-    # logit[target] - logsumexp(logits): no second [B, T, V] array (the vocabulary dominates memory).
-    logits = logits[:, :-1]
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1), hidden

@@ -46,13 +46,11 @@ class GenerationResult:
     """Per prompt (row): generated tokens and their log-probabilities, padded after the row's length.
 
     `logprobs` are under the model itself: log-softmax of the raw logits (temperature 1, no top-k/top-p), i.e.
-    what PPO's ratio and KL use. `sample_logprobs` are under the distribution actually sampled from (after
-    temperature and filtering; 0 for greedy). `lengths` count generated tokens including the stop token.
+    what PPO's ratio and KL use. `lengths` count generated tokens including the stop token.
     """
 
     tokens: np.ndarray  # [B, max_new_tokens] int32, pad_id after each row's length
     logprobs: np.ndarray  # [B, max_new_tokens] float32, 0 after each row's length
-    sample_logprobs: np.ndarray  # [B, max_new_tokens] float32
     lengths: np.ndarray  # [B] int32
 
 
@@ -94,12 +92,11 @@ def prefill(params: Params, lora: Params | None, tokens: jax.Array, mask: jax.Ar
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                 top_p: jax.Array, mode: SamplingMode) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Draw one token per row from logits [B, V]; returns (token, raw-model logprob, sampling logprob)."""
+                 top_p: jax.Array, mode: SamplingMode) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row from logits [B, V]; returns (token, raw-model logprob)."""
     raw = jax.nn.log_softmax(logits, axis=-1)
     if mode.greedy:
         token = jnp.argmax(logits, axis=-1)
-        sample_lp = jnp.zeros(token.shape, jnp.float32)
     else:
         scaled = logits / temperature
         if mode.top_k or mode.top_p:
@@ -117,9 +114,8 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
                 threshold = jnp.maximum(threshold, jnp.min(kept, axis=-1))
             scaled = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
         token = jax.random.categorical(key, scaled, axis=-1)
-        sample_lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
     token = token.astype(jnp.int32)
-    return token, jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0], sample_lp
+    return token, jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "mode", "out_len"), donate_argnames=("cache",))
@@ -133,7 +129,7 @@ def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], log
     `logits` [B, V] predict each row's next token at RoPE position `positions` [B]; rows with `done` set
     emit nothing. Stops early once every row is done. `constraint` (`constrain.device_tables`): tokens outside
     each row's catalogue automaton are masked out before sampling, inside the loop. Returns {"tokens",
-    "logprobs", "sample_logprobs"} [B, out_len], "lengths" [B] and the final "cache" (returned so the donated
+    "logprobs"} [B, out_len], "lengths" [B] and the final "cache" (returned so the donated
     one is updated in place).
     """
     b = logits.shape[0]
@@ -143,7 +139,7 @@ def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], log
         if constraint is not None:
             allowed, walk = constrain.allowed_tokens(constraint, state["automaton"])
             logits = jnp.where(allowed, logits, -jnp.inf)
-        token, lp, slp = sample_token(logits, sub, temperature, top_k, top_p, mode)
+        token, lp = sample_token(logits, sub, temperature, top_k, top_p, mode)
         live = ~state["done"]
         if constraint is not None:
             state = {**state, "automaton": constrain.advance(constraint, state["automaton"], walk, token, live)}
@@ -153,8 +149,6 @@ def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], log
             **state, "key": key, "step": state["step"] + 1, "last": token,
             "tokens": jax.lax.dynamic_update_slice(state["tokens"], token[:, None], col),
             "logprobs": jax.lax.dynamic_update_slice(state["logprobs"], jnp.where(live, lp, 0)[:, None], col),
-            "sample_logprobs": jax.lax.dynamic_update_slice(state["sample_logprobs"],
-                                                            jnp.where(live, slp, 0)[:, None], col),
             "lengths": state["lengths"] + live,
             "done": state["done"] | jnp.isin(token, eos_ids),
         }
@@ -172,13 +166,13 @@ def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], log
         "cache": cache, "key": key, "step": jnp.zeros((), jnp.int32), "positions": positions,
         "done": done, "last": jnp.zeros((b,), jnp.int32),
         "tokens": jnp.full((b, out_len), pad_id, jnp.int32), "logprobs": jnp.zeros((b, out_len), jnp.float32),
-        "sample_logprobs": jnp.zeros((b, out_len), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
+        "lengths": jnp.zeros((b,), jnp.int32),
     }
     if constraint is not None:
         state["automaton"] = constrain.init_state(constraint)
     state = jax.lax.while_loop(cond, body, emit(state, logits))
-    return {"tokens": state["tokens"], "logprobs": state["logprobs"], "sample_logprobs": state["sample_logprobs"],
-            "lengths": state["lengths"], "cache": state["cache"]}
+    return {"tokens": state["tokens"], "logprobs": state["logprobs"], "lengths": state["lengths"],
+            "cache": state["cache"]}
 
 
 def generate(
@@ -254,5 +248,5 @@ def generate(
     out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else jax.device_get(out)
     return GenerationResult(
         tokens=out["tokens"][:n, :max_new_tokens], logprobs=out["logprobs"][:n, :max_new_tokens],
-        sample_logprobs=out["sample_logprobs"][:n, :max_new_tokens], lengths=out["lengths"][:n],
+        lengths=out["lengths"][:n],
     )
