@@ -41,7 +41,8 @@ from reclm_jax.llm import hf_io
 from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
 from reclm_jax.sft import step as step_lib
-from reclm_jax.sft.config import OptimConfig
+from reclm_jax.sft.config import SFT_OPTIM
+from reclm_jax.training import optim
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from reference_logprobs import token_logprobs  # noqa: E402  (scores every position)
@@ -128,7 +129,7 @@ def main() -> None:
     steps = {}
     for name in args.variants:
         vcfg, vlora, loss_fn, vparams = known[name]
-        tx = step_lib.optimizer(OptimConfig(), 100)
+        tx = optim.optimizer(SFT_OPTIM, 100)
         state = step_lib.init_state(lora_lib.init(jax.random.key(0), params, cfg, vlora), tx)
         step_lib_loss, step_lib.batch_loss = step_lib.batch_loss, loss_fn  # the step looks the loss up by name
         try:

@@ -20,7 +20,8 @@ from reclm_jax.data import load_dataset
 from reclm_jax.teacher.batches import epoch_batches, training_windows
 from reclm_jax.teacher.config import TeacherConfig
 from reclm_jax.teacher.query import Teacher, build_model
-from reclm_jax.teacher.train import make_optimizer, train_step
+from reclm_jax.teacher.train import train_step
+from reclm_jax.training.optim import optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "teacher"
 PRESETS = ("paper", "sasrec-ml1m")
@@ -33,7 +34,7 @@ def epoch_seconds(dataset, cfg: TeacherConfig, max_steps: int | None = None) -> 
     timed and the epoch time is extrapolated from them."""
     graphdef, state = nnx.split(build_model(cfg, dataset.num_items))
     params = nnx.to_pure_dict(state)
-    tx = make_optimizer(cfg.train.lr, cfg.train.adam_b1, cfg.train.adam_b2)
+    tx = optimizer(cfg.optim)
     opt_state = tx.init(params)
     windows = training_windows(dataset, cfg.model.max_len)
     key = jax.random.key(0)

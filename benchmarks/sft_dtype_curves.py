@@ -22,7 +22,8 @@ from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
 from reclm_jax.llm.tokenizer import load_tokenizer
 from reclm_jax.sft import step as step_lib
-from reclm_jax.sft.config import OptimConfig
+from reclm_jax.sft.config import SFT_OPTIM
+from reclm_jax.training import optim
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -51,7 +52,7 @@ def main() -> None:
                                        jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params))}
     curves = {}
     for name, (vcfg, vparams) in runs.items():
-        tx = step_lib.optimizer(OptimConfig(), args.steps)
+        tx = optim.optimizer(SFT_OPTIM, args.steps)
         state = step_lib.init_state(lora_lib.init(jax.random.key(0), params, cfg, lora_cfg), tx)
         step = jax.jit(functools.partial(step_lib.train_step, cfg=vcfg, lora_cfg=lora_cfg, tx=tx, accum=1,
                                          response_len=args.response), donate_argnums=0)

@@ -54,6 +54,10 @@ def from_dict(cls: type[T], raw: dict[str, Any], source: str = "<dict>", prefix:
     kwargs = {}
     for key, value in raw.items():
         name = f"{prefix}{key}"
+        moved = getattr(cls, "MOVED", {}).get(key)  # a key renamed since: {old name: new key in the parent}
+        if key not in fields and moved:
+            parent = prefix.rstrip(".").rpartition(".")[0]
+            raise ConfigError(f"{source}: config key {name!r} is now {(parent + '.' if parent else '') + moved!r}")
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{source}: unknown config key {name!r} (known here: {known})")

@@ -185,7 +185,7 @@ def sft_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
     lora_cfg = cfg.lora
     params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg))
     lora = jax.eval_shape(lambda p: lora_lib.init(jax.random.key(0), p, model_cfg, lora_cfg), params)
-    tx = step_lib.optimizer(cfg.optim, 1000)
+    tx = optim.optimizer(cfg.optim, 1000)
     state_sh, params_sh, batch_sh = step_lib.train_shardings(mesh, params, lora, tx)
     state = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx), lora)
     if cfg.train.global_batch % cfg.train.micro_batch:
@@ -249,7 +249,7 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
         update = ppo_update.lower(
             _abstract(base, rep(base)), _abstract(state, rep(state)), batch,
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated), model_cfg=model_cfg,
-            actor_cfg=cfg.actor_lora, critic_cfg=cfg.critic_lora, hyper=cfg.ppo,
+            actor_cfg=cfg.actor_lora, critic_cfg=cfg.critic_lora, hyper=cfg.ppo, optim=cfg.optim,
             shards=mesh.size).compile()
     actor = state.params["actor"]
     programs = [Program(f"ppo update ({n} x {p_len + r_len}, {cfg.ppo.epochs} epochs x {cfg.ppo.minibatches} "

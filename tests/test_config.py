@@ -80,3 +80,25 @@ def test_overrides_may_follow_options(capsys):
     assert "unknown config key 'bogus'" in capsys.readouterr().err
     args, extra = build_parser().parse_known_args(["sft", "a.b=1", "--quiet", "c=2"])
     assert (args.overrides, extra, args.quiet) == (["a.b=1"], ["c=2"], True)
+
+
+def test_every_stage_names_its_optimiser_in_one_optim_section():
+    from reclm_jax.pipeline import PipelineConfig
+    from reclm_jax.training.optim import OptimConfig
+
+    cfg = load(PipelineConfig, None, ["teacher.optim.b2=0.9", "sft.optim.lr=5e-4", "ppo.optim.clip_norm=null"])
+    assert all(isinstance(c.optim, OptimConfig) for c in (cfg.teacher, cfg.sft, cfg.ppo))
+    # each stage keeps its own defaults beside what was set (Adam b2 0.98; the SFT schedule; PPO's lr)
+    assert (cfg.teacher.optim.b2, cfg.teacher.optim.lr, cfg.teacher.optim.clip_norm) == (0.9, 1e-3, None)
+    assert (cfg.sft.optim.lr, cfg.sft.optim.schedule, cfg.sft.optim.clip_norm) == (5e-4, "polynomial", 1.0)
+    assert (cfg.ppo.optim.lr, cfg.ppo.optim.clip_norm) == (5e-6, None)
+    assert PipelineConfig().teacher.optim.b2 == 0.98
+
+
+@pytest.mark.parametrize("old, new", [("ppo.ppo.lr=1e-3", "ppo.optim.lr"), ("ppo.ppo.grad_clip=1", "ppo.optim.clip_norm"),
+                                      ("teacher.train.adam_b2=0.9", "teacher.optim.b2")])
+def test_an_old_optimiser_key_names_its_new_key(old, new):
+    from reclm_jax.pipeline import PipelineConfig
+
+    with pytest.raises(ConfigError, match=rf"^the command line: config key '{old.split('=')[0]}' is now '{new}'$"):
+        load(PipelineConfig, None, [old])

@@ -24,7 +24,7 @@ from reference_logprobs import token_logprobs
 
 MODEL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                     head_dim=16, max_position_embeddings=64)
-OVERRIDES = ["ppo.minibatches=2", "ppo.epochs=2", "ppo.lr=1e-3", "rollout.prompts_per_step=4"]
+OVERRIDES = ["ppo.minibatches=2", "ppo.epochs=2", "optim.lr=1e-3", "rollout.prompts_per_step=4"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -71,7 +71,7 @@ def make_case(overrides=()):
 
 def run_update(cfg, base, state, batch):
     return update.ppo_update(base, state, batch, jax.random.key(3), model_cfg=MODEL, actor_cfg=cfg.actor_lora,
-                             critic_cfg=cfg.critic_lora, hyper=cfg.ppo)
+                             critic_cfg=cfg.critic_lora, hyper=cfg.ppo, optim=cfg.optim)
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +339,7 @@ def test_ppo_learns_to_name_the_target_item():
     from reclm_jax.rl.trainer import PPOTrainer
 
     vocab, decode, teacher = one_line_per_token_world()
-    cfg = config.load(PPOConfig, None, ["ppo.lr=1e-2", "ppo.minibatches=2", "rollout.prompts_per_step=16",
+    cfg = config.load(PPOConfig, None, ["optim.lr=1e-2", "ppo.minibatches=2", "rollout.prompts_per_step=16",
                                         "rollout.max_new_tokens=3", "rollout.temperature=1.0",
                                         "actor_lora.targets=[q,v,lm_head]"])
     model_cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,

@@ -78,7 +78,7 @@ def run_ppo(out: Path, kill_at: int | None = None) -> None:
     from reclm_jax.training import loop
 
     vocab, decode, teacher = one_line_per_token_world()
-    cfg = config.load(PPOConfig, None, [f"out_dir={out}", "ppo.lr=1e-2", "ppo.minibatches=2", "train.steps=6",
+    cfg = config.load(PPOConfig, None, [f"out_dir={out}", "optim.lr=1e-2", "ppo.minibatches=2", "train.steps=6",
                                         "rollout.prompts_per_step=4", "rollout.max_new_tokens=3",
                                         "rollout.temperature=1.0", "checkpoint.every=1"])
     model_cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,

@@ -43,7 +43,7 @@ def test_hlo_flops_multiply_scanned_and_while_bodies_by_their_trip_counts():
 
 
 EIGHT_DEVICES = textwrap.dedent("""
-    import functools, sys
+    import dataclasses, functools, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     sys.path.insert(0, "tests")
@@ -53,7 +53,8 @@ EIGHT_DEVICES = textwrap.dedent("""
     from reclm_jax.rl import update
     from reclm_jax.rl.trainer import data_mesh
     from reclm_jax.sft import step as step_lib
-    from reclm_jax.sft.config import OptimConfig
+    from reclm_jax.sft.config import SFT_OPTIM
+    from reclm_jax.training import optim
     assert jax.device_count() == 8
     flops = lambda c: hlo_stats.analyse(c.as_text()).flops  # noqa: E731
     one = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
@@ -64,7 +65,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     lcfg = LoraConfig(rank=4, alpha=8.0, dropout=0.1)
     params = model.init_params(jax.random.key(0), cfg)
     lora = jax.tree.map(lambda x: x + 0.01, lora_lib.init(jax.random.key(1), params, cfg, lcfg))
-    tx = step_lib.optimizer(OptimConfig(lr=1e-2, warmup_ratio=0.0), 10)
+    tx = optim.optimizer(dataclasses.replace(SFT_OPTIM, lr=1e-2, warmup_ratio=0.0), 10)
     rng = np.random.default_rng(0)
     B, T = 16, 32
     pos = np.arange(T)
@@ -112,7 +113,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     pcfg, base, state, batch = make_case(["rollout.prompts_per_step=16", "ppo.minibatches=2"])
     mesh = data_mesh(8)
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
-    kw = dict(model_cfg=MODEL, actor_cfg=pcfg.actor_lora, critic_cfg=pcfg.critic_lora, hyper=pcfg.ppo,
+    kw = dict(model_cfg=MODEL, actor_cfg=pcfg.actor_lora, critic_cfg=pcfg.critic_lora, hyper=pcfg.ppo, optim=pcfg.optim,
               shards=8)
     key = jax.random.key(3)
     c1 = update.ppo_update.lower(base, state, batch, key, **kw).compile()
@@ -170,7 +171,7 @@ MEASURE = textwrap.dedent("""
     model_cfg, _ = plan.model_config(cfg.model, None)
     params = model.init_params(jax.random.key(0), model_cfg)
     lora = lora_lib.init(jax.random.key(1), params, model_cfg, cfg.lora)
-    state = step_lib.init_state(lora, step_lib.optimizer(cfg.optim, 1000))
+    state = step_lib.init_state(lora, optim.optimizer(cfg.optim, 1000))
     rows, length = cfg.train.global_batch, 448
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(3, model_cfg.vocab_size, (rows, length)).astype(np.int32),

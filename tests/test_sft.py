@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import grain
 import jax
@@ -20,10 +21,11 @@ from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm import model
 from reclm_jax.llm.config import LORA_TARGETS, PRESETS, LoraConfig
 from reclm_jax.sft import step as step_lib
-from reclm_jax.sft.config import CheckpointConfig, OptimConfig, SFTConfig, TrainConfig, ValidConfig
+from reclm_jax.sft.config import SFT_OPTIM, CheckpointConfig, SFTConfig, TrainConfig, ValidConfig
 from reclm_jax.core.errors import RunError
 from reclm_jax.sft.trainer import RunSetup, place, train
 from reclm_jax.tasks.samples import Sample
+from reclm_jax.training import optim
 from reference_logprobs import token_logprobs
 
 CFG = PRESETS["tiny"]
@@ -73,7 +75,7 @@ def test_batch_loss_equals_the_loss_over_all_positions():
 
 
 def test_schedule_warmup_then_quadratic_decay():
-    sched = step_lib.schedule(OptimConfig(lr=1e-3, warmup_ratio=0.1, decay_power=2.0), 100)
+    sched = optim.schedule(replace(SFT_OPTIM, lr=1e-3, warmup_ratio=0.1, decay_power=2.0), 100)
     np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(55), sched(100)],
                                [0.0, 5e-4, 1e-3, 1e-3 * 0.25, 0.0], atol=1e-9)
 
@@ -121,7 +123,7 @@ def setup(params=None) -> RunSetup:
 
 
 def sft_config(out_dir) -> SFTConfig:
-    return SFTConfig(out_dir=str(out_dir), optim=OptimConfig(lr=3e-2, warmup_ratio=0.0),
+    return SFTConfig(out_dir=str(out_dir), optim=replace(SFT_OPTIM, lr=3e-2, warmup_ratio=0.0),
                      train=TrainConfig(global_batch=B, micro_batch=B // ACCUM),
                      checkpoint=CheckpointConfig(every=2, keep_last=2), valid=ValidConfig(every=0))
 
@@ -171,14 +173,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_non_finite_step_leaves_the_state_unchanged():
     # The trainer's own step (same optimiser and schedule), so the compiled program is shared.
-    optim = sft_config("unused").optim
-    tx = step_lib.optimizer(optim, TOTAL)
+    optim_cfg = sft_config("unused").optim
+    tx = optim.optimizer(optim_cfg, TOTAL)
     params = base_params()
     placed = place(None, params, init_lora(jax.random.key(1), params, CFG, LORA), tx)
     poisoned = {**params, "final_norm": params["final_norm"].at[0].set(jnp.inf)}
     before = jax.device_get(placed.state)
     step = step_lib.jit_train_step(CFG, LORA, tx, ACCUM, sft_config("unused").tasks.max_response_tokens,
-                                   lr=step_lib.schedule(optim, TOTAL))
+                                   lr=optim.schedule(optim_cfg, TOTAL))
     new, metrics = step(placed.state, poisoned, placed.put_batch(next(iter(batches()))), jax.random.key(0))
     assert not bool(metrics["finite"])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new), before)
@@ -188,17 +190,21 @@ SHARDED_STEP = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
+    import sys
+    from dataclasses import replace
     import jax, numpy as np
+    sys.path.insert(0, "tests")
     import tests.test_sft as t
     from reclm_jax.llm import sharding
     from reclm_jax.sft import step as step_lib
-    from reclm_jax.sft.config import OptimConfig
+    from reclm_jax.sft.config import SFT_OPTIM
+    from reclm_jax.training import optim
     from reclm_jax.sft.trainer import place
 
     params = t.base_params()
     lora = t.init_lora(jax.random.key(1), params, t.CFG, t.LORA)
     lora = jax.tree.map(lambda x: x + 0.01, lora)  # non-zero b, so every factor gets a gradient
-    tx = step_lib.optimizer(OptimConfig(lr=1e-2, warmup_ratio=0.0), t.TOTAL)
+    tx = optim.optimizer(replace(SFT_OPTIM, lr=1e-2, warmup_ratio=0.0), t.TOTAL)
     host_batch = next(iter(t.batches()))
     results = []
     for mesh in (None, sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))):

@@ -12,7 +12,7 @@ Defaults are the paper's where it states them, else the official code's:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from reclm_jax.data.config import DataConfig
 from reclm_jax.llm.config import LoraConfig
@@ -20,6 +20,7 @@ from reclm_jax.rl.rewards import RewardOptions
 from reclm_jax.sft.config import ModelConfig
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.training.loop import CheckpointConfig
+from reclm_jax.training.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,8 @@ class PPOHyper:
     epochs: int = 4  # passes over the rollout batch per step
     minibatches: int = 4  # minibatches per epoch; the rollout batch must divide evenly
     target_kl: float | None = 0.05  # skip the remaining minibatch updates once approx KL exceeds it; None = off
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 0.5  # global norm over actor and critic gradients together
+    MOVED: ClassVar = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "adam_b1": "optim.b1",
+                       "adam_b2": "optim.b2", "adam_eps": "optim.eps", "grad_clip": "optim.clip_norm"}
     # False: PPO's old log-probs are the sampler's (kept from sampling). True: recompute them with the training
     # forward pass (one more no-grad forward per step), so that ratio and KL compare log-probs of one code
     # path; worth it in bfloat16, where the KV-cache decode and the full forward round differently.
@@ -99,7 +96,7 @@ class PPOHyper:
         for name in ("epochs", "minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("kl_coef", "value_clip", "vf_coef", "ent_coef", "weight_decay", "grad_clip"):
+        for name in ("kl_coef", "value_clip", "vf_coef", "ent_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("gamma", "lam"):
@@ -107,8 +104,6 @@ class PPOHyper:
                 raise ValueError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.clip_eps < 1.0:
             raise ValueError(f"ppo.clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.lr <= 0:
-            raise ValueError(f"ppo.lr must be > 0, got {self.lr}")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"ppo.target_kl must be > 0 or null (off), got {self.target_kl}")
 
@@ -141,6 +136,8 @@ class PPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardOptions = field(default_factory=RewardOptions)  # rewards.item_level=false: Ours_v3
     ppo: PPOHyper = field(default_factory=PPOHyper)
+    # AdamW at lr 5e-6, clipped to global norm 0.5 over actor and critic gradients together (the official code)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, clip_norm=0.5))
     prompts: PromptSection = field(default_factory=PromptSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))

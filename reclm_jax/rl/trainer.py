@@ -106,7 +106,8 @@ class PPOTrainer:
         with jax.set_mesh(self.mesh):  # activations pinned to the batch axis; minibatches keep the split
             state, metrics = ppo_update(self.base, state, jax.device_put(batch, self.split), update_key,
                                         model_cfg=self.model_cfg, actor_cfg=self.actor_cfg, critic_cfg=self.critic_cfg,
-                                        hyper=self.cfg.ppo, shards=self.mesh.size)
+                                        hyper=self.cfg.ppo, optim=self.cfg.optim,
+                                        shards=self.mesh.size)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         clock.append((time.perf_counter(), time.process_time()))
         # wall and process CPU seconds of each part (CPU time is the steadier number on a shared machine)

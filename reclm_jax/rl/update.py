@@ -1,7 +1,8 @@
 """One PPO update as a single jitted function over a rollout batch (the math is `ppo_math`'s).
 
     state = init_state(key, base, model_cfg, cfg)              # a TrainState: adapters + value head, optimiser
-    state, metrics = ppo_update(base, state, batch, key, model_cfg=..., actor_cfg=..., critic_cfg=..., hyper=...)
+    state, metrics = ppo_update(base, state, batch, key, model_cfg=..., actor_cfg=..., critic_cfg=..., hyper=...,
+                                optim=...)
 
 Three models share one copy of the frozen base weights `base` (the SFT-merged model):
 - policy = base + actor LoRA (trained);
@@ -46,17 +47,11 @@ from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.llm.sharding import constrain_batch
 from reclm_jax.rl import critic, ppo_math as pm
 from reclm_jax.rl.config import PPOConfig, PPOHyper
+from reclm_jax.training.optim import OptimConfig, optimizer
 from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
 BATCH_KEYS = ("tokens", "attention_mask", "response_mask", "logprobs", "scores")
-
-
-def optimizer(hyper: PPOHyper) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(hyper.grad_clip),
-        optax.adamw(hyper.lr, b1=hyper.adam_b1, b2=hyper.adam_b2, eps=hyper.adam_eps, weight_decay=hyper.weight_decay),
-    )
 
 
 def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOConfig) -> TrainState:
@@ -67,7 +62,7 @@ def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOCon
         "critic": {"lora": lora_lib.init(k_critic, base, model_cfg, cfg.critic_lora),
                    "head": critic.init_head(k_head, model_cfg.hidden_size, cfg.value_head_width)},
     }
-    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer(cfg.ppo).init(trainable))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer(cfg.optim).init(trainable))
 
 
 def _response_forward(base, model_cfg, tokens, attention_mask, adapter, adapter_cfg, response_len, rng=None):
@@ -164,11 +159,11 @@ def minibatch_loss(trainable, base, mb, rng, *, model_cfg, actor_cfg, critic_cfg
     return loss, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, **pg_stats, **vf_stats}
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper", "shards"),
+@functools.partial(jax.jit, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper", "optim", "shards"),
                    donate_argnames=("state",))
 def ppo_update(base: Params, state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, model_cfg: LlamaConfig,
                actor_cfg: LoraConfig, critic_cfg: LoraConfig, hyper: PPOHyper,
-               shards: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               optim: OptimConfig, shards: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One PPO step on a rollout batch; see the module docstring. Returns the new state and scalar metrics.
     `shards`: the batch's split over devices (`sharding.batch_shards(mesh)`), which the minibatches keep."""
     batch = {k: batch[k] for k in BATCH_KEYS}
@@ -186,7 +181,7 @@ def ppo_update(base: Params, state: TrainState, batch: dict[str, jax.Array], key
     adv, returns, kl = advantages(batch, scored["ref"], values, hyper)
     data = {**batch, "advantages": adv, "returns": returns, "values": values}
 
-    opt = optimizer(hyper)
+    opt = optimizer(optim)
     grad_fn = jax.value_and_grad(functools.partial(minibatch_loss, model_cfg=model_cfg, actor_cfg=actor_cfg,
                                                    critic_cfg=critic_cfg, hyper=hyper), has_aux=True)
 

@@ -16,29 +16,12 @@ from reclm_jax.llm.config import LoraConfig, ModelConfig
 from reclm_jax.llm.sharding import MeshConfig
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.training.loop import CheckpointConfig
+from reclm_jax.training.optim import OptimConfig
 
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW, lr 1e-3, weight decay 0.01, eps 1e-5, warmup 1.25 %, polynomial decay power 2, clip 1.0."""
-
-    lr: float = 1e-3
-    end_lr: float = 0.0
-    warmup_ratio: float = 0.0125
-    decay_power: float = 2.0
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-5
-    clip_norm: float = 1.0
-
-    def __post_init__(self):
-        if self.lr <= 0 or self.end_lr < 0 or self.eps <= 0 or self.clip_norm <= 0 or self.weight_decay < 0:
-            raise ValueError("optim.lr, optim.eps and optim.clip_norm must be > 0; optim.end_lr and "
-                             "optim.weight_decay >= 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
-            raise ValueError("optim.b1 and optim.b2 must be in [0, 1)")
+# The reference's AdamW: lr 1e-3, warmup 1.25 %, polynomial decay (power 2) to 0, weight decay 0.01, eps 1e-5,
+# gradient clip 1.0.
+SFT_OPTIM = OptimConfig(lr=1e-3, schedule="polynomial", warmup_ratio=0.0125, weight_decay=0.01, eps=1e-5,
+                        clip_norm=1.0)
 
 
 @dataclass(frozen=True)
@@ -82,7 +65,7 @@ class SFTConfig:
     tasks: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # r 16, alpha 8, dropout 0.1 on every linear layer (the paper)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: SFT_OPTIM)
     train: TrainConfig = field(default_factory=TrainConfig)
     # the best adapter by validation (checkpoints/best) is what `valid` picks; the exported adapter is the last
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(best_metric="seqrec/NDCG@K"))

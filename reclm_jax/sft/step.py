@@ -1,4 +1,5 @@
-"""The SFT loss, optimiser and jitted train step (pure functions; the loop is in `trainer.py`).
+"""The SFT loss and jitted train step (pure functions; the loop is in `trainer.py`, the optimiser in
+`training.optim`).
 
 Only the LoRA adapter is trained: the base parameters are an argument the gradient is not taken for.
 Train state: a `TrainState` whose params are the adapter (float32), checkpointed as it is.
@@ -15,7 +16,6 @@ loop stops the run on it.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -25,7 +25,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reclm_jax.llm import model, sharding
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
-from reclm_jax.sft.config import OptimConfig
 from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
@@ -69,24 +68,6 @@ def batch_loss(lora: Params, params: Params, batch: dict[str, jax.Array], dropou
     targets = jnp.take_along_axis(tokens[:, 1:], idx, axis=1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return response_loss(picked - jax.nn.logsumexp(logits, axis=-1), valid)[0]
-
-
-def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup over ceil(warmup_ratio x total) steps to `lr`, then polynomial decay (`decay_power`) to
-    `end_lr` at `total_steps` (Hugging Face's polynomial-decay-with-warmup, as the reference uses)."""
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    decay = optax.polynomial_schedule(cfg.lr, cfg.end_lr, cfg.decay_power, max(total_steps - warmup, 1))
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
-
-
-def optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with the schedule (decoupled weight decay on every adapter matrix)."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
-    )
 
 
 def init_state(lora: Params, tx: optax.GradientTransformation) -> TrainState:

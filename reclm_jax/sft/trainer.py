@@ -43,7 +43,7 @@ from reclm_jax.tasks.samples import TaskContext
 from reclm_jax.tasks.sharegpt import read_sharegpt
 from reclm_jax.tasks.training import training_samples
 from reclm_jax.teacher.query import Teacher
-from reclm_jax.training import loop
+from reclm_jax.training import loop, optim
 from reclm_jax.training.loop import Result, RunDir
 from reclm_jax.training.run_log import peak_flops
 from reclm_jax.training.state import TrainState
@@ -100,11 +100,11 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
     the run in cfg.out_dir if it holds one (`run` defaults to RunDir(cfg.out_dir, cfg)). `max_steps` stops
     after that many steps of this call (tests simulate an interruption with it)."""
     run = run or RunDir(cfg.out_dir, cfg, may_change=MAY_CHANGE)
-    tx = step_lib.optimizer(cfg.optim, setup.total_steps)
+    tx = optim.optimizer(cfg.optim, setup.total_steps)
     placed = place(setup.mesh, setup.params, setup.lora, tx)
     train_step = step_lib.jit_train_step(setup.model_cfg, setup.lora_cfg, tx, setup.accum,
                                          cfg.tasks.max_response_tokens, placed.shardings,
-                                         lr=step_lib.schedule(cfg.optim, setup.total_steps), mesh=setup.mesh)
+                                         lr=optim.schedule(cfg.optim, setup.total_steps), mesh=setup.mesh)
     dropout_key = jax.random.key(cfg.train.seed)
 
     def step(state: TrainState, host_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, Any]]:

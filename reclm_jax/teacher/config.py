@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from reclm_jax.training.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     loss: Literal["bce", "softmax"] = "bce"  # bce: one sampled negative per position; softmax: over all items
-    lr: float = 1e-3
-    adam_b1: float = 0.9
-    adam_b2: float = 0.98  # the SASRec code's beta2
+    MOVED: ClassVar = {"lr": "optim.lr", "adam_b1": "optim.b1", "adam_b2": "optim.b2"}
     batch_size: int = 128
     max_epochs: int = 200
     patience: int = 10  # stop after this many evaluations without a better valid NDCG@10 (full ranking)
@@ -55,8 +55,6 @@ class TrainConfig:
         for name in ("batch_size", "max_epochs", "patience", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -78,3 +76,4 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, b2=0.98))  # Adam, the SASRec code's

@@ -1,4 +1,4 @@
-"""Train the SASRec teacher in the one training loop: optax Adam, early stopping on valid NDCG@10 (full
+"""Train the SASRec teacher in the one training loop (Adam, `optim`), early stopping on valid NDCG@10 (full
 ranking), the loop's orbax checkpoints (`teacher.checkpoint` describes the directory)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from reclm_jax.teacher.checkpoint import SELECT
 from reclm_jax.teacher.config import TeacherConfig
 from reclm_jax.teacher.evaluate import FULL, evaluate, evaluate_split
 from reclm_jax.teacher.query import Teacher, build_model
-from reclm_jax.training import loop
+from reclm_jax.training import loop, optim
 from reclm_jax.training.loop import LOG, CheckpointConfig, RunDir
 from reclm_jax.training.state import TrainState
 
@@ -48,11 +48,6 @@ def batch_loss(graphdef, loss: str, params, batch, key):
     if loss == "softmax":
         return softmax_loss(model.item_scores(hidden), jnp.maximum(batch["targets"] - 1, 0), mask)
     return bce_loss(model.token_scores(hidden, batch["targets"]), model.token_scores(hidden, batch["negatives"]), mask)
-
-
-@functools.cache  # one object per setting, so the jitted train step (tx is static) compiles once per setting
-def make_optimizer(lr: float, b1: float, b2: float) -> optax.GradientTransformation:
-    return optax.adam(lr, b1=b1, b2=b2)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
@@ -118,7 +113,6 @@ def train_teacher(dataset: Dataset, cfg: TeacherConfig, out_dir: str | Path, *, 
     graphdef, state = nnx.split(build_model(cfg, n))
     params = nnx.to_pure_dict(state)
     t = cfg.train
-    tx = make_optimizer(t.lr, t.adam_b1, t.adam_b2)
     key = jax.random.key(cfg.seed)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -131,6 +125,7 @@ def train_teacher(dataset: Dataset, cfg: TeacherConfig, out_dir: str | Path, *, 
 
     batches = EpochBatches(dataset, windows, cfg)
     per_epoch = len(batches)
+    tx = optim.optimizer(cfg.optim, t.max_epochs * per_epoch)
     run.start()
     checkpoint.write_info(out_dir, cfg, n, dataset.name)
     result = loop.train(run, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), step, batches,
