@@ -11,6 +11,7 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
 from reclm_jax.training.checkpoints import Checkpointer, abstract
 
@@ -119,3 +120,25 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_restored(tmp_pa
     assert step == 1 and int(restored["step"]) == 1
     assert "checkpoint step 2" in warnings[0]
     assert warnings[-1] == "resuming from step 1 instead (removed the damaged step 2)"
+
+
+def test_a_key_added_since_a_run_was_recorded_resumes_while_it_keeps_its_default(tmp_path):
+    from reclm_jax import config
+    from reclm_jax.core.errors import RunError
+    from reclm_jax.teacher.config import TeacherConfig
+    from reclm_jax.training.loop import CONFIG, RunDir
+
+    # a run recorded before `optim.eps` and `eval.batch_size` existed, and with an `old_key` that no longer does
+    recorded = config.to_dict(TeacherConfig())
+    del recorded["optim"]["eps"], recorded["eval"]["batch_size"]
+    recorded["train"]["old_key"] = 1
+    (tmp_path / "checkpoints" / "last" / "3").mkdir(parents=True)
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(recorded))
+    with pytest.raises(RunError, match=r"\(train.old_key: 1 -> \(no longer a key\)\)"):
+        RunDir(tmp_path, TeacherConfig())
+    del recorded["train"]["old_key"]
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(recorded))
+    RunDir(tmp_path, TeacherConfig())  # the new keys hold their defaults: the same run
+    changed = config.load(TeacherConfig, None, ["optim.eps=1e-6"])
+    with pytest.raises(RunError, match=r"optim.eps: not recorded \(a key added since, default 1e-08\) -> 1e-06\)"):
+        RunDir(tmp_path, changed)

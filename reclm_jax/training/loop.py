@@ -73,11 +73,22 @@ class RunDir:
         if resume and self.has_run and (self.path / CONFIG).is_file():
             old = _flatten(yaml.safe_load((self.path / CONFIG).read_text()) or {})
             new = _flatten(config_lib.to_dict(cfg))
+            # A key added since the run was recorded is the same setting as long as it keeps its default.
+            default = _flatten(config_lib.to_dict(type(cfg)()))
             may_change = ("out_dir", *may_change)  # a run directory may be moved or copied
-            changed = sorted(k for k in old.keys() | new.keys()
-                             if old.get(k) != new.get(k) and not any(k == m or k.startswith(m + ".") for m in may_change))
+
+            def change(k: str) -> str | None:  # how k changed, None if it did not
+                if k not in old:
+                    return None if k in default and new[k] == default[k] else \
+                        f"{k}: not recorded (a key added since, default {default.get(k)!r}) -> {new[k]!r}"
+                if k not in new:
+                    return f"{k}: {old[k]!r} -> (no longer a key)"
+                return None if old[k] == new[k] else f"{k}: {old[k]!r} -> {new[k]!r}"
+
+            changed = [change(k) for k in sorted(old.keys() | new.keys())
+                       if change(k) and not any(k == m or k.startswith(m + ".") for m in may_change)]
             if changed:
-                shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+                shown = ", ".join(changed[:8])
                 raise RunError(f"{self.path} holds a run with another config ({shown}{', ...' if len(changed) > 8 else ''}); "
                                "choose a new out_dir, or pass --no-resume to start afresh there")
 
