@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,39 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import yaml
+
+from reclm_jax import config as config_lib, hlo_stats
+from reclm_jax.accelerators import ACCELERATORS, Accelerator
+from reclm_jax.core.errors import UserError
+from reclm_jax.llm import hf_io, lora as lora_lib, model, sampling, sharding
+from reclm_jax.llm.config import PRESETS
+from reclm_jax.llm.tokenizer import load_tokenizer
+from reclm_jax.pipeline import PipelineConfig, stage_configs
+from reclm_jax.rl.config import PPOConfig
+from reclm_jax.rl.trainer import data_mesh
+from reclm_jax.rl.update import init_state, ppo_update
+from reclm_jax.sft import step as step_lib
+from reclm_jax.sft.config import SFTConfig
+from reclm_jax.training import optim
+
 _DEVICES_ENV = "RECLM_PLAN_DEVICES"
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    name: str
-    peak_flops: float  # dense bf16 FLOP/s per device
-    hbm_bytes: float
-    hbm_bandwidth: float  # bytes/s
-    usable: float  # fraction of HBM a JAX process gets by default
-    source: str
-
-
-# JAX preallocates 75 % of GPU memory (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX docs, "GPU memory allocation")
-_GPU_FRACTION = 0.75
-ACCELERATORS = {
-    "a100-40gb": Accelerator("NVIDIA A100-SXM4-40GB", 312e12, 40e9, 1.555e12, _GPU_FRACTION,
-                             "NVIDIA A100 Tensor Core GPU datasheet (bf16 dense 312 TFLOPS, 40 GB HBM2 1555 GB/s)"),
-    "a100-80gb": Accelerator("NVIDIA A100-SXM4-80GB", 312e12, 80e9, 2.039e12, _GPU_FRACTION,
-                             "NVIDIA A100 datasheet (bf16 dense 312 TFLOPS, 80 GB HBM2e 2039 GB/s)"),
-    "h100-80gb": Accelerator("NVIDIA H100 SXM5 80GB", 989e12, 80e9, 3.35e12, _GPU_FRACTION,
-                             "NVIDIA H100 datasheet, SXM (bf16 dense 989 TFLOPS, 80 GB HBM3 3.35 TB/s)"),
-    "l4": Accelerator("NVIDIA L4", 121e12, 24e9, 0.3e12, _GPU_FRACTION,
-                      "NVIDIA L4 datasheet (bf16 dense 121 TFLOPS, 24 GB GDDR6 300 GB/s)"),
-    "tpu-v4": Accelerator("TPU v4 (per chip)", 275e12, 32e9, 1.2e12, 1.0,
-                          "cloud.google.com/tpu/docs/v4 (275 TFLOPS bf16, 32 GiB HBM2 1200 GB/s)"),
-    "tpu-v5e": Accelerator("TPU v5e (per chip)", 197e12, 16e9, 0.819e12, 1.0,
-                           "cloud.google.com/tpu/docs/v5e (197 TFLOPS bf16, 16 GB HBM2 819 GB/s)"),
-    "tpu-v5p": Accelerator("TPU v5p (per chip)", 459e12, 95e9, 2.765e12, 1.0,
-                           "cloud.google.com/tpu/docs/v5p (459 TFLOPS bf16, 95 GB HBM2e 2765 GB/s)"),
-    "tpu-v6e": Accelerator("TPU v6e (per chip)", 918e12, 32e9, 1.64e12, 1.0,
-                           "cloud.google.com/tpu/docs/v6e (918 TFLOPS bf16, 32 GB HBM 1640 GB/s)"),
-}
 
 
 @dataclass
@@ -102,26 +89,18 @@ class Row:
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
-    import jax
-
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def model_config(m: Any, preset: str | None) -> tuple[Any, str]:
     """The LlamaConfig a config's `model` section runs (with its dtypes and remat), and a note on its source.
     Weights are never read: a checkpoint's config.json or GGUF header is, or the preset's shape."""
-    from reclm_jax.core.errors import UserError
-    from reclm_jax.llm import hf_io
-    from reclm_jax.llm.config import PRESETS
-
     switches = {"param_dtype": m.param_dtype, "compute_dtype": m.compute_dtype, "remat": m.remat}
     if preset is not None:
         if preset not in PRESETS:
             raise UserError(f"--model {preset!r} is not one of {sorted(PRESETS)}")
         return PRESETS[preset].replace(**switches), f"shape of the {preset} preset (--model)"
     if m.random_init:
-        from reclm_jax.llm.tokenizer import load_tokenizer
-
         vocab = len(load_tokenizer(m.tokenizer))
         return PRESETS[m.base].replace(vocab_size=vocab, **switches), f"{m.base} preset, vocabulary {vocab}"
     try:
@@ -137,11 +116,6 @@ def sampling_programs(stage: str, mesh: Any, model_cfg: Any, params: Any, params
                       knob: str) -> list[Program]:
     """Prefill and decode of `batch` prompts of `prompt_len` tokens and `new_tokens` new ones on `mesh`, with
     the weights in the given layout and prompts and cache split over the batch axes (`sampling.generate`)."""
-    import jax
-    import jax.numpy as jnp
-
-    from reclm_jax.llm import sampling, sharding
-
     shards = sharding.batch_shards(mesh)
     batch = -(-sampling.bucket(batch, step=1 << 30) // shards) * shards
     prompt_len, out_len = sampling.bucket(prompt_len), sampling.bucket(new_tokens)
@@ -172,14 +146,6 @@ def sampling_programs(stage: str, mesh: Any, model_cfg: Any, params: Any, params
 
 
 def sft_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], list[str]]:
-    import functools
-
-    import jax
-
-    from reclm_jax.core.errors import UserError
-    from reclm_jax.llm import lora as lora_lib, model, sampling, sharding
-    from reclm_jax.sft import step as step_lib
-
     model_cfg, source = model_config(cfg.model, model_override)
     mesh = sharding.make_mesh(cfg.mesh)
     lora_cfg = cfg.lora
@@ -224,13 +190,6 @@ def _finish(programs: list[Program], model_cfg: Any, source: str, mesh_note: str
 
 
 def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], list[str]]:
-    import jax
-    import jax.numpy as jnp
-
-    from reclm_jax.llm import model, sampling
-    from reclm_jax.rl.trainer import data_mesh
-    from reclm_jax.rl.update import init_state, ppo_update
-
     model_cfg, source = model_config(cfg.model, model_override)
     mesh = data_mesh(cfg.train.data_parallel)
     replicated = jax.NamedSharding(mesh, jax.P())
@@ -267,8 +226,6 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
 
 def measure(prog: Program, acc: Accelerator, mfu: float, mbu: float, devices: int) -> Row:
     """A report row from a compiled program (`hlo_stats` for the work, XLA's buffer assignment for memory)."""
-    from reclm_jax import hlo_stats
-
     mem = prog.compiled.memory_analysis()
     stats = hlo_stats.analyse(prog.compiled.as_text(), unknown_trips=max(prog.decode_steps, 1))
     cpu_peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -290,8 +247,6 @@ def measure(prog: Program, acc: Accelerator, mfu: float, mbu: float, devices: in
 
 def config_kind(path: str) -> str:
     """"sft", "ppo", "pipeline" or "teacher", from the folder (configs/<stage>/...) or the file's sections."""
-    import yaml
-
     folder = Path(path).parent.name
     if folder in ("sft", "ppo", "pipeline", "teacher"):
         return folder
@@ -305,21 +260,13 @@ def config_kind(path: str) -> str:
 
 def plan(config: str, overrides: list[str], model_override: str | None = None) -> tuple[list[Program], list[str]]:
     """The compiled programs of a config file (on the devices JAX sees) and notes on the layout."""
-    from reclm_jax import config as config_lib
-
     kind = config_kind(config)
     if kind == "teacher":
         return [], ["a teacher config: the SASRec teacher trains on one device, nothing to shard or plan"]
     if kind == "sft":
-        from reclm_jax.sft.config import SFTConfig
-
         return sft_programs(config_lib.load(SFTConfig, config, overrides), model_override)
     if kind == "ppo":
-        from reclm_jax.rl.config import PPOConfig
-
         return ppo_programs(config_lib.load(PPOConfig, config, overrides), model_override)
-    from reclm_jax.pipeline import PipelineConfig, stage_configs
-
     sft_cfg, ppo_cfg = stage_configs(config_lib.load(PipelineConfig, config, overrides))
     sft, sft_notes = sft_programs(sft_cfg, model_override)
     ppo, ppo_notes = ppo_programs(ppo_cfg, model_override)
@@ -358,63 +305,29 @@ def report(rows: list[Row], notes: list[str], acc: Accelerator, devices: int, mf
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="a preset, e.g. configs/sft/llama2-7b-paper.yaml")
-    p.add_argument("--devices", type=int, default=1, help="devices of the mesh to plan for (default 1)")
-    p.add_argument("--accelerator", default="a100-40gb", choices=sorted(ACCELERATORS),
-                   help="peak FLOP/s, memory and bandwidth of one device (default a100-40gb)")
-    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation (default 0.4)")
-    p.add_argument("--mbu", type=float, default=0.7, help="assumed HBM bandwidth utilisation when decoding (0.7)")
-    p.add_argument("--model", help="plan with this llm preset's shape instead of the config's model.base")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. valid.batch_size=16")
-
-
-def register(sub) -> None:
-    p = sub.add_parser("plan", help="compile a preset's programs for N devices ahead of time: memory, FLOPs, "
-                                    "time; whether it fits")
-    add_arguments(p)
-    p.set_defaults(handler=_plan)
-
-
-def _plan(args: argparse.Namespace) -> int:
-    """Re-run as `python -m reclm_jax.plan` with N fake CPU devices (they must exist before JAX starts)."""
-    from reclm_jax.core.errors import UserError
-
+def command(args: argparse.Namespace) -> int:
+    """`reclm-jax plan`: plan in a process whose JAX sees `--devices` fake CPU devices; from any other process,
+    re-run the command in one (the devices must exist before JAX starts its backend)."""
     if args.devices < 1:
         raise UserError(f"--devices must be >= 1, got {args.devices}")
     if not 0 < args.mfu <= 1 or not 0 < args.mbu <= 1:
         raise UserError("--mfu and --mbu must be in (0, 1]")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_DEVICES_ENV: str(args.devices)})
-    env["XLA_FLAGS"] = " ".join([*(f for f in env.get("XLA_FLAGS", "").split()
-                                   if not f.startswith("--xla_force_host_platform_device_count")),
-                                 f"--xla_force_host_platform_device_count={args.devices}"])
-    argv = ["--config", args.config, "--devices", str(args.devices), "--accelerator", args.accelerator,
-            "--mfu", str(args.mfu), "--mbu", str(args.mbu), *(["--model", args.model] if args.model else []),
-            *(["--json"] if args.json else []), *args.overrides]
-    return subprocess.run([sys.executable, "-m", "reclm_jax.plan", *argv], env=env).returncode
-
-
-def main(argv: list[str] | None = None) -> int:
-    from reclm_jax.assets import AssetError
-    from reclm_jax.core.errors import UserError
-    from reclm_jax.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="reclm-jax plan")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    import jax
-
+    if os.environ.get(_DEVICES_ENV) != str(args.devices):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **{_DEVICES_ENV: str(args.devices)})
+        env["XLA_FLAGS"] = " ".join([*(f for f in env.get("XLA_FLAGS", "").split()
+                                       if not f.startswith("--xla_force_host_platform_device_count")),
+                                     f"--xla_force_host_platform_device_count={args.devices}"])
+        argv = ["--config", args.config, "--devices", str(args.devices), "--accelerator", args.accelerator,
+                "--mfu", str(args.mfu), "--mbu", str(args.mbu), *(["--model", args.model] if args.model else []),
+                *(["--json"] if args.json else []), *args.overrides]
+        return subprocess.run([sys.executable, "-m", "reclm_jax.cli", "plan", *argv], env=env).returncode
     if jax.device_count() != args.devices:
-        print(f"reclm-jax plan: error: JAX sees {jax.device_count()} devices, not {args.devices} (run it as "
-              "`reclm-jax plan`, which sets them up)", file=sys.stderr)
-        return 2
+        raise UserError(f"JAX sees {jax.device_count()} devices, not {args.devices}")
     acc = ACCELERATORS[args.accelerator]
     try:
         programs, notes = plan(args.config, args.overrides, args.model)
-    except (UserError, ConfigError, AssetError, ValueError) as e:
-        print(f"reclm-jax plan: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if not programs:
         print("\n".join(notes))
         return 0
@@ -425,7 +338,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(report(rows, notes, acc, args.devices, args.mfu, args.mbu))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

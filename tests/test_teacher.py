@@ -24,8 +24,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "teacher"
 TINY = TeacherConfig(
     seed=3,
     model=ModelConfig(max_len=8, width=16, num_blocks=2, num_heads=2, ffn_dim=24, dropout=0.1, length_buckets=2),
-    train=TrainConfig(loss="softmax", lr=1e-2, batch_size=32, max_epochs=2, patience=5),
+    train=TrainConfig(loss="softmax", batch_size=32, max_epochs=2, patience=5),
     eval=EvalConfig(batch_size=16, num_negatives=10),
+    optim=replace(TeacherConfig().optim, lr=1e-2),
 )
 
 

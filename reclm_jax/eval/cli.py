@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from rapidfuzz import process
 
+from reclm_jax.cli import BASE_ROW
 from reclm_jax.core.errors import UserError
-from reclm_jax.data.cli import add_dataset_args, dataset_from_args
+from reclm_jax.data.cli import dataset_from_args
 from reclm_jax.eval import evaluate as E
 from reclm_jax.eval.evaluate import TEACHER_ROW, GenerationSettings, ModelRun, run_evaluation
-from reclm_jax.eval.parse import MATCH_MODES, Catalogue
+from reclm_jax.eval.parse import Catalogue
 from reclm_jax.eval.plots import LogError, plot_logs
 from reclm_jax.eval.recommend import IntentError, IntentSpec, fit_history, instruction
 from reclm_jax.llm.automaton import Intent, catalogue_automaton
@@ -24,78 +24,6 @@ from reclm_jax.tasks.encode import display_titles
 from reclm_jax.tasks.samples import Sample
 from reclm_jax.tasks.templates import load_templates
 from reclm_jax.teacher.query import Teacher
-
-BASE_ROW = "{model} zero-shot"
-CONSTRAIN_CHOICES = ("none", "catalogue", "intent")
-
-
-def register(sub) -> None:
-    ev = sub.add_parser("evaluate", help="run the paper's test tasks on models and write its Tables 2-5 and 7")
-    _add_model_args(ev)
-    ev.add_argument("--lora", action="append", default=[], metavar="DIR[,DIR...]",
-                    help="trained PEFT adapters of --model, merged in order (e.g. the SFT adapter, then the PPO "
-                    "actor): one more row (repeatable)")
-    ev.add_argument("--name", action="append", default=[], metavar="LABEL",
-                    help="the row label of each --lora, in order (default: the last adapter folder's name)")
-    ev.add_argument("--base-name", help=f"row label of --model itself (default: '{BASE_ROW}')")
-    ev.add_argument("--no-base", action="store_true", help="do not evaluate --model without an adapter")
-    add_dataset_args(ev)
-    ev.add_argument("--teacher", required=True, help="the trained SASRec teacher directory (fixes the test "
-                    "controls and gives the SASRec row)")
-    ev.add_argument("--out", required=True, help="output directory: tables.md/.json, table*.csv/.png, runs/")
-    ev.add_argument("--limit", type=int, help="test users per task (a seeded random subset; default: all)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the test set (users, categories, templates)")
-    ev.add_argument("--batch-size", type=int, default=16, help="answers decoded together")
-    ev.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                    help="bootstrap resamples of the test users behind each 95%% interval (default: 1000)")
-    ev.add_argument("--force", action="store_true", help="re-run models whose results in --out match the settings")
-    ev.add_argument("--constrain", action="append", choices=CONSTRAIN_CHOICES, default=[],
-                    help="also decode every model with constrained decoding: 'catalogue' (k distinct catalogue "
-                    "titles outside the history) or 'intent' (also the task's control); extra rows beside the "
-                    "unconstrained ones (repeatable)")
-    ev.set_defaults(handler=_evaluate)
-
-    rec = sub.add_parser("recommend", help="recommend items for a history and an intention in plain words")
-    _add_model_args(rec)
-    rec.add_argument("--lora", metavar="DIR[,DIR...]", help="trained PEFT adapters of --model, merged in order")
-    add_dataset_args(rec)
-    rec.add_argument("--history", nargs="+", required=True, metavar="TITLE", help="titles the user liked, oldest first")
-    rec.add_argument("--include", action="append", default=[], metavar="CAT",
-                     help="recommend only items of this category (+C; repeatable)")
-    rec.add_argument("--exclude", action="append", default=[], metavar="CAT",
-                     help="recommend no item of this category (-C; repeatable)")
-    rec.add_argument("--share", metavar="\"CAT<=20%%\"",
-                     help="a proportion of the k items in a category: CAT<=P%%, CAT>=P%% or CAT~P%%")
-    rec.add_argument("--intent", help="the intention in words; enforced when it uses the instruction templates' "
-                     "phrasings (e.g. \"I don't like 'Horror' products\"), otherwise only shown to the model")
-    rec.add_argument("--constrain", choices=CONSTRAIN_CHOICES, default="intent",
-                     help="decoding: 'intent' (default) lists k distinct catalogue items outside the history that "
-                     "obey --include/--exclude/--share; 'catalogue' the same without the intent; 'none' free text")
-    rec.add_argument("-k", type=int, default=10, help="items to recommend (default: 10)")
-    rec.add_argument("--max-prompt-tokens", type=int, default=512,
-                     help="prompt budget; the oldest history items are dropped to fit (default: 512)")
-    rec.add_argument("--json", action="store_true",
-                     help="print the list as one JSON line: each item's title, id and categories")
-    rec.add_argument("--show-prompt", action="store_true", help="also print the prompt and the raw answer")
-    rec.set_defaults(handler=_recommend)
-
-    plot = sub.add_parser("plot", help="training curves (loss, reward, KL, TCP) from JSONL logs as PNG")
-    plot.add_argument("--log", nargs="+", required=True, help="JSONL logs written by the SFT/PPO trainers")
-    plot.add_argument("--out", required=True, help="output directory (one <log name>.png per log)")
-    plot.set_defaults(handler=_plot)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="smollm2-135m (embedded), a .gguf file or an HF model directory")
-    p.add_argument("--tokenizer", help="tokenizer name or path (default: --model)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit in tokens (the paper: 512)")
-    p.add_argument("--title-match", choices=MATCH_MODES, default="strict",
-                   help="strict (default): a generated title names an item only if it is a catalogue title (up to "
-                   "spacing and an article filed last); lenient: also through case, quotes and cut-off annotations "
-                   "such as 'Heat (1995) - great', which also scores invented titles like 'Heat (3)' as real "
-                   "(tables say so)")
-    p.add_argument("--fuzzy", action="store_true",
-                   help="also match generated titles within Levenshtein distance 3 of a catalogue title")
 
 
 # ---- evaluate ------------------------------------------------------------------------------------------
@@ -124,7 +52,7 @@ def model_runs(args) -> list:
     return runs
 
 
-def _evaluate(args) -> int:
+def evaluate(args) -> int:
     runs = model_runs(args)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
@@ -193,7 +121,7 @@ def recommendation_lines(items, item_categories, history: set[int], truncated: b
     return lines
 
 
-def _recommend(args) -> int:
+def recommend(args) -> int:
     for name in ("k", "max_prompt_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -277,7 +205,7 @@ def _recommend(args) -> int:
 
 
 # ---- plot ----------------------------------------------------------------------------------------------
-def _plot(args) -> int:
+def plot(args) -> int:
     try:
         for path in plot_logs(args.log, args.out):
             print(path)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from reclm_jax.core.errors import UserError
-from reclm_jax.data.cli import add_dataset_args, dataset_from_args
+from reclm_jax.data.cli import dataset_from_args
 from reclm_jax.llm import hf_io, tokenizer
 from reclm_jax.llm.automaton import catalogue_automaton, save_automaton
 from reclm_jax.llm.chat import ChatPolicy
@@ -17,37 +17,7 @@ from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.encode import display_titles
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    model = subparsers.add_parser("model", help="fetch or describe a base model")
-    model_sub = model.add_subparsers(dest="model_command", metavar="<model command>", required=True)
-    fetch = model_sub.add_parser("fetch", help="download an embedded model and its tokenizer into the cache")
-    fetch.add_argument("name", help="embedded model (e.g. smollm2-135m) or named tokenizer (e.g. llama2)")
-    fetch.set_defaults(handler=_fetch)
-    info = model_sub.add_parser("info", help="print a model's config and parameter count")
-    info.add_argument("model", help="preset name, embedded model, .gguf file or Hugging Face directory")
-    info.set_defaults(handler=_info)
-
-    export = subparsers.add_parser("export", help="write a merged Hugging Face checkpoint or a PEFT adapter")
-    export.add_argument("--model", required=True, help="embedded model, .gguf file or Hugging Face directory")
-    export.add_argument("--lora", help="LoRA adapter: a PEFT adapter directory")
-    export.add_argument("--out", required=True, help="output directory")
-    kind = export.add_mutually_exclusive_group()
-    kind.add_argument("--merged", action="store_const", dest="kind", const="merged",
-                      help="base weights with the adapter folded in (default)")
-    kind.add_argument("--peft", action="store_const", dest="kind", const="peft",
-                      help="the adapter alone, in PEFT format (needs --lora)")
-    kind.add_argument("--grammar", action="store_const", dest="kind", const="grammar",
-                      help="the catalogue's answer format for serving: grammar.ebnf (vLLM structured outputs) and "
-                      "catalogue.npz (the automaton of llm.vllm_processor: no repeats, no history, the intent)")
-    export.add_argument("-k", type=int, default=10, help="--grammar: lines of the answer (default: 10)")
-    add_dataset_args(export)
-    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
-                        help="weight dtype of a merged export (default: %(default)s)")
-    export.add_argument("--tokenizer", help="tokenizer to include (default: the model's own, if it has one)")
-    export.set_defaults(handler=_export, kind="merged")
-
-
-def _fetch(args: argparse.Namespace) -> int:
+def fetch(args: argparse.Namespace) -> int:
     known = sorted({*hf_io.EMBEDDED_MODELS, *tokenizer.NAMED})
     if args.name not in known:
         raise UserError(f"unknown model {args.name!r}; embedded models and tokenizers: {', '.join(known)}")
@@ -59,7 +29,7 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
+def info(args: argparse.Namespace) -> int:
     if args.model in PRESETS and args.model not in hf_io.EMBEDDED_MODELS:
         cfg, source = PRESETS[args.model], "preset (no weights)"
     else:
@@ -73,7 +43,7 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def export(args: argparse.Namespace) -> int:
     if args.kind == "grammar":
         return _export_grammar(args)
     if args.kind == "peft" and not args.lora:

@@ -11,18 +11,7 @@ from reclm_jax.sft.config import SFTConfig
 from reclm_jax.sft.trainer import run
 
 
-def register(sub) -> None:
-    p = sub.add_parser("sft", help="supervised LoRA fine-tuning on the instruction tasks (resumes an interrupted run)")
-    p.add_argument("--config", help="YAML config, e.g. configs/sft/tiny.yaml (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. out_dir=runs/sft train.steps=100 optim.lr=5e-4")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if out_dir holds a run (its "
-                   "checkpoints and logs are removed)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_sft)
-
-
-def _sft(args: argparse.Namespace) -> int:
+def sft(args: argparse.Namespace) -> int:
     cfg = config_lib.load(SFTConfig, args.config, args.overrides)
     try:
         result = run(cfg, resume=not args.no_resume, progress=not args.quiet)

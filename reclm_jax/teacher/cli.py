@@ -8,7 +8,7 @@ from pathlib import Path
 
 from reclm_jax import config as config_lib
 from reclm_jax.core.errors import UserError
-from reclm_jax.data.cli import add_dataset_args, dataset_from_args
+from reclm_jax.data.cli import dataset_from_args
 from reclm_jax.teacher import checkpoint
 from reclm_jax.teacher.config import TeacherConfig
 from reclm_jax.teacher.evaluate import evaluate
@@ -16,28 +16,7 @@ from reclm_jax.teacher.query import Teacher
 from reclm_jax.teacher.train import train_teacher
 
 
-def register(sub) -> None:
-    teacher = sub.add_parser("teacher", help="the SASRec teacher: train and evaluate")
-    cmds = teacher.add_subparsers(dest="teacher_command", metavar="<teacher command>", required=True)
-
-    train = cmds.add_parser("train", help="train a teacher (resumes an interrupted run in --out)")
-    add_dataset_args(train)
-    train.add_argument("--config", help="YAML config, e.g. configs/teacher/sasrec-ml1m.yaml (default: built-in defaults)")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
-    train.add_argument("--out", required=True, help="output directory (checkpoints, config, metrics.json)")
-    train.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a run")
-    train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    train.set_defaults(handler=_train)
-
-    ev = cmds.add_parser("eval", help="evaluate a trained teacher in both protocols (full ranking, sampled negatives)")
-    add_dataset_args(ev)
-    ev.set_defaults(dataset=None)  # default: the dataset the teacher was trained on
-    ev.add_argument("--teacher", required=True, help="a trained teacher directory")
-    ev.add_argument("--out", help="write the metrics JSON here (default: <teacher>/eval.json)")
-    ev.set_defaults(handler=_eval)
-
-
-def _train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace) -> int:
     cfg = config_lib.load(TeacherConfig, args.config, args.overrides)
     dataset = dataset_from_args(args)
     try:
@@ -48,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def eval_teacher(args: argparse.Namespace) -> int:
     path = Path(args.teacher)
     try:
         _, info = checkpoint.read_info(path)
