@@ -1,23 +1,82 @@
 """Typed configs: dataclasses with defaults, read from YAML, overridden by dotted `key=value` pairs.
 
 Every stage declares its config as a dataclass (defaults live there and nowhere else). A YAML file holds
-only what differs from the defaults; CLI overrides like `train.lr=3e-4` apply last. Unknown keys and
+only what differs from the defaults; CLI overrides like `optim.lr=3e-4` apply last. Unknown keys and
 values of the wrong type fail early with a message naming the file and the key.
+
+Validation is declared, not written: a field's rule is part of its type (`rank: Count = 16`, with `Count`,
+`Positive`, `NonNegative`, `Fraction` below, or `Annotated[T, rule(...)]`; choices are `Literal`s), and a
+section's cross-field rules are its `check()` method. Every config dataclass derives from `Section`, whose
+`validate` applies both on construction; the loader names the full dotted key of what fails
+(`sft.lora.rank must be >= 1, got 0`), so `check()` messages start with the (section-relative) key they blame.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 
 from reclm_jax.core.errors import ConfigError
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    holds: Callable[[Any], bool]
+    text: str  # what the value must be, e.g. "must be >= 1"
+
+
+Count = Annotated[int, Rule(lambda v: v >= 1, "must be >= 1")]
+NonNegativeInt = Annotated[int, Rule(lambda v: v >= 0, "must be >= 0")]
+Positive = Annotated[float, Rule(lambda v: v > 0, "must be > 0")]
+NonNegative = Annotated[float, Rule(lambda v: v >= 0, "must be >= 0")]
+Fraction = Annotated[float, Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")]
+
+
+class Section:
+    """The base of every config dataclass: `validate` runs on construction."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def check(self) -> None:
+        """Cross-field rules (raise ValueError, the message starting with the key it blames)."""
+
+
+def validate(cfg: Section) -> None:
+    """Apply the field rules declared in `cfg`'s types (None always passes), then `cfg.check()`."""
+    for name, rules in _rules(type(cfg)).items():
+        value = getattr(cfg, name)
+        for r in rules:
+            if value is not None and not r.holds(value):
+                raise ConfigError(f"{name} {r.text}, got {value!r}")
+    cfg.check()
+
+
+@functools.cache
+def _rules(cls: type) -> dict[str, list[Rule]]:
+    """{field: its rules}: `Annotated` rules and `Literal` choices, also inside `X | None`."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls, include_extras=True)[f.name]
+        found = []
+        for arg in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,):
+            if typing.get_origin(arg) is Annotated:
+                found += [m for m in arg.__metadata__ if isinstance(m, Rule)]
+            elif typing.get_origin(arg) is typing.Literal:
+                choices = typing.get_args(arg)
+                found.append(Rule(lambda v, c=choices: v in c, f"must be one of {list(choices)}"))
+        if found:
+            out[f.name] = found
+    return out
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
@@ -71,7 +130,9 @@ def from_dict(cls: type[T], raw: dict[str, Any], source: str = "<dict>", prefix:
         kwargs[key] = _coerce(hints[key], value, source, name)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
+    except ValueError as e:  # a rule of `validate`, whose message starts with the key it blames
+        raise ConfigError(f"{source}: {prefix}{e}") from None
+    except TypeError as e:
         raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 

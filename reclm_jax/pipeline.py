@@ -16,6 +16,7 @@ from typing import Literal
 import jax
 
 from reclm_jax import config as config_lib
+from reclm_jax.config import Count, Section
 from reclm_jax.core.errors import ConfigError
 from reclm_jax.data.config import DataConfig
 from reclm_jax.data.load import load_dataset
@@ -34,27 +35,25 @@ STAGES = ("teacher", "sft", "ppo", "evaluate", "export")
 
 
 @dataclass(frozen=True)
-class EvalSection:
-    users: int | None = 50  # test users per task (None: every user, as the paper)
+class EvalSection(Section):
+    users: Count | None = 50  # test users per task (None: every user, as the paper)
     seed: int = 0  # of the test set and of the bootstrap
     title_match: Literal["strict", "lenient"] = "strict"  # how answer titles name items (eval.parse)
-    bootstrap: int = 1000  # resamples of the users behind each 95 % interval
+    bootstrap: Count = 1000  # resamples of the users behind each 95 % interval
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     # Also decode under these constraints ("catalogue", "intent"): extra rows beside the unconstrained ones.
     constrain: tuple[str, ...] = ()
     # Which models get the constrained rows: "all", or "final" (the last trained one: what would be served).
     constrain_models: Literal["all", "final"] = "all"
 
-    def __post_init__(self):
-        if self.bootstrap < 1:
-            raise ValueError(f"eval.bootstrap must be >= 1, got {self.bootstrap}")
+    def check(self) -> None:
         unknown = [m for m in self.constrain if m not in ("catalogue", "intent")]
         if unknown:
-            raise ValueError(f"eval.constrain: unknown modes {unknown}; modes are catalogue, intent")
+            raise ValueError(f"constrain: unknown modes {unknown}; modes are catalogue, intent")
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(Section):
     out_dir: str = "runs/pipeline"
     stages: tuple[str, ...] = STAGES  # which stages to run, in pipeline order
     data: DataConfig = field(default_factory=DataConfig)
@@ -63,10 +62,10 @@ class PipelineConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)  # likewise, plus model.sft_adapter
     eval: EvalSection = field(default_factory=EvalSection)
 
-    def __post_init__(self):
+    def check(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+            raise ValueError(f"stages: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
 
 
 class Layout:

@@ -1,5 +1,6 @@
 """Typed configs: YAML + dotted overrides, with errors that name the key."""
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,10 +55,10 @@ def test_a_bad_override_is_blamed_on_the_command_line_and_named_by_the_users_key
 
     path = tmp_path / "sft.yaml"
     path.write_text("lora:\n  alpha: 4.0\ncheckpoint:\n  every: 7\n")
-    with pytest.raises(ConfigError, match=r"^the command line \(over .*sft.yaml\): lora: rank must be positive, got 0"):
+    with pytest.raises(ConfigError, match=r"^the command line \(over .*sft.yaml\): lora.rank must be >= 1, got 0$"):
         load(SFTConfig, path, ["lora.rank=0"])
     path.write_text("lora:\n  rank: 0\n")
-    with pytest.raises(ConfigError, match=r"^.*sft.yaml: lora: rank must be positive"):
+    with pytest.raises(ConfigError, match=r"^.*sft.yaml: lora.rank must be >= 1, got 0$"):
         load(SFTConfig, path, ["train.steps=3"])
 
 
@@ -102,3 +103,31 @@ def test_an_old_optimiser_key_names_its_new_key(old, new):
 
     with pytest.raises(ConfigError, match=rf"^the command line: config key '{old.split('=')[0]}' is now '{new}'$"):
         load(PipelineConfig, None, [old])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sft.lora.rank=0", "sft.lora.rank must be >= 1, got 0"),  # a declared rule, by its full key
+    ("ppo.optim.b2=1.0", "ppo.optim.b2 must be in [0, 1), got 1.0"),
+    ("teacher.model.dropout=-0.1", "teacher.model.dropout must be in [0, 1), got -0.1"),
+    ("sft.tasks.min_k=11", "sft.tasks.min_k (11) must be <= max_k (10)"),  # a cross-field check()
+    ("ppo.ppo.minibatches=3", "ppo.rollout.prompts_per_step x rollout.responses_per_prompt = 32 sequences must "
+                              "divide into ppo.minibatches = 3"),
+    ("sft.valid.users=null", None),  # None passes a rule
+])
+def test_rules_are_declared_once_and_name_the_full_key(override, message):
+    from reclm_jax.pipeline import PipelineConfig
+
+    if message is None:
+        load(PipelineConfig, None, [override])
+        return
+    with pytest.raises(ConfigError, match=f"^the command line: {re.escape(message)}$"):
+        load(PipelineConfig, None, [override])
+
+
+def test_rules_and_choices_also_hold_for_configs_built_in_code():
+    from reclm_jax.llm.config import LoraConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match=r"^rank must be >= 1, got 0$"):
+        LoraConfig(rank=0)
+    with pytest.raises(ConfigError, match=r"^param_dtype must be one of \['float32', 'bfloat16', 'float16'\]"):
+        ModelConfig(param_dtype="bf16")

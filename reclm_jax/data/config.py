@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Annotated
+
+from reclm_jax.config import Rule, Section
 
 MOVIELENS = ("ml-100k", "ml-1m")
 FILE_SOURCES = ("amazon", "steam")  # read from files the user supplies
@@ -38,13 +41,13 @@ class Columns:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     name: str = "ml-100k"  # one of DATASETS, or a path to your own files (a directory or one table)
     reviews: str | None = None  # amazon: the 5-core reviews JSON; steam: steam_reviews.json.gz
     meta: str | None = None  # amazon: the metadata JSON; steam: steam_games.json.gz; a path: the items table
     user_core: int | None = None  # None: the source's default (DEFAULT_CORES)
     item_core: int | None = None
-    min_sequence: int = 3  # leave-one-out needs 3
+    min_sequence: Annotated[int, Rule(lambda v: v >= 3, "must be >= 3 for a leave-one-out split")] = 3
     cache: bool = True  # keep the processed dataset in the user cache
     # your own files only:
     columns: Columns = field(default_factory=Columns)
@@ -53,14 +56,12 @@ class DataConfig:
     # None: when the separator is ">" or "/"
     min_rating: float | None = None  # drop interactions rated below this (needs a rating column)
 
-    def __post_init__(self):
+    def check(self) -> None:
         if self.name in FILE_SOURCES and (self.reviews is None or self.meta is None):
             what = "--reviews and --meta" if self.name == "amazon" else "--reviews (steam_reviews.json.gz) and --meta (steam_games.json.gz)"
-            raise ValueError(f"dataset {self.name!r} is read from your files: give {what}")
-        if self.min_sequence < 3:
-            raise ValueError(f"min_sequence must be >= 3 for a leave-one-out split, got {self.min_sequence}")
+            raise ValueError(f"name: dataset {self.name!r} is read from your files: give {what}")
         if self.is_path and self.reviews is not None:
-            raise ValueError("--reviews is for amazon and steam; for your own files give the interactions table "
+            raise ValueError("reviews (--reviews) is for amazon and steam; for your own files give the interactions table "
                              "(or its directory) as --dataset")
         if self.category_sep == "":
             raise ValueError("category_sep must not be empty (None: detect it)")

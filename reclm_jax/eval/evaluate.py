@@ -47,6 +47,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from reclm_jax.config import Count, Section
 from reclm_jax.data.schema import Dataset
 from reclm_jax.eval.metrics import NO_CONTROL, Bootstrap, estimate, evaluate_batch
 from reclm_jax.eval.parse import Catalogue
@@ -65,15 +66,10 @@ SEQREC = "seqrec"
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 512  # the paper's maximum output length
-    max_prompt_tokens: int = 512  # prompts are cut from the left to this (the paper: 1024 with the answer)
-    batch_size: int = 16  # answers decoded together
-
-    def __post_init__(self):
-        for name in ("max_new_tokens", "max_prompt_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+class GenerationSettings(Section):
+    max_new_tokens: Count = 512  # the paper's maximum output length
+    max_prompt_tokens: Count = 512  # prompts are cut from the left to this (the paper: 1024 with the answer)
+    batch_size: Count = 16  # answers decoded together
 
 
 @dataclass

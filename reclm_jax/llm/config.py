@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from reclm_jax.config import Count, Fraction, Section
+
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 LAYER_TARGETS = LORA_TARGETS[:-1]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -160,19 +162,15 @@ PRESETS: dict[str, LlamaConfig] = {
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(Section):
     """A LoRA adapter: `W x + (alpha / rank) * B A dropout(x)` on each target linear layer."""
 
-    rank: int = 16
+    rank: Count = 16
     alpha: float = 8.0
-    dropout: float = 0.1
+    dropout: Fraction = 0.1
     targets: tuple[str, ...] = LAYER_TARGETS
 
-    def __post_init__(self) -> None:
-        if self.rank <= 0:
-            raise ValueError(f"rank must be positive, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    def check(self) -> None:
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets:
             raise ValueError(f"targets must be a non-empty subset of {LORA_TARGETS}, got "
@@ -190,7 +188,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     # A model with weights (a preset with embedded weights such as "smollm2-135m", a .gguf file or a Hugging
     # Face directory), or with random_init a `reclm_jax.llm.config.PRESETS` name (smoke runs and tests).
     base: str = "smollm2-135m"
@@ -200,11 +198,6 @@ class ModelConfig:
     compute_dtype: Dtype = "float32"  # "bfloat16" on accelerators; the loss and the adapter stay float32
     remat: Literal["none", "full", "dots"] = "none"  # gradient checkpointing of each decoder layer
 
-    def __post_init__(self):
+    def check(self) -> None:
         if self.random_init and self.base not in PRESETS:
-            raise ValueError(f"model.base {self.base!r} must be one of {sorted(PRESETS)} with model.random_init")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ValueError(f"base {self.base!r} must be one of {sorted(PRESETS)} with random_init")

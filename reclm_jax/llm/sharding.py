@@ -32,6 +32,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from reclm_jax.config import Section
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -63,7 +65,7 @@ RULES: dict[str, Rules] = {"fsdp": TRAIN_RULES, "sample": SAMPLE_RULES, "replica
 
 
 @dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(Section):
     """Mesh axis sizes (-1: all remaining devices; at most one axis) and multi-host start-up."""
 
     data: int = 1
@@ -74,10 +76,10 @@ class MeshConfig:
     num_processes: int | None = None
     process_id: int | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         sizes = self.sizes
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-            raise ValueError(f"MeshConfig: data/fsdp/tensor must be positive or -1 (at most one), got {sizes}")
+            raise ValueError(f"data/fsdp/tensor must be positive or -1 (at most one), got {sizes}")
 
     @property
     def sizes(self) -> tuple[int, int, int]:

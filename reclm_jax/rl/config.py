@@ -12,8 +12,9 @@ Defaults are the paper's where it states them, else the official code's:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
+from reclm_jax.config import Count, NonNegative, NonNegativeInt, Positive, Rule, Section
 from reclm_jax.data.config import DataConfig
 from reclm_jax.llm.config import LoraConfig
 from reclm_jax.rl.rewards import RewardOptions
@@ -32,7 +33,7 @@ class ModelSection(ModelConfig):
 
 
 @dataclass(frozen=True)
-class PromptSection:
+class PromptSection(Section):
     """The RL prompts (`tasks.training.rl_prompts`): one per user per epoch, I0/+C/-C/<=/>=/~ uniform."""
 
     seed: int = 0
@@ -44,47 +45,38 @@ class PromptSection:
         return TaskConfig(seed=self.seed, task_set="v1", sharegpt_ratio=0.0, rl_k=tuple(self.k),
                           max_history=self.max_history, max_title_tokens=self.max_title_tokens)
 
-    def __post_init__(self):
-        self.tasks()  # validates
+    def check(self) -> None:
+        self.tasks()  # TaskConfig's rules (the same names, except k, which is its rl_k)
 
 
 @dataclass(frozen=True)
-class RolloutConfig:
-    prompts_per_step: int = 16  # RL prompts sampled per PPO step (x responses_per_prompt sequences)
-    responses_per_prompt: int = 2
-    temperature: float = 0.7
-    top_k: int = 0  # 0 = off (the paper states none; the official code's sampled response uses 20)
-    top_p: float = 1.0
-    max_new_tokens: int = 160  # ~112 tokens for a top-10 list of Movie titles (paper section 3)
-    max_prompt_tokens: int = 512  # prompts are cut from the left to this many tokens (the paper)
+class RolloutConfig(Section):
+    prompts_per_step: Count = 16  # RL prompts sampled per PPO step (x responses_per_prompt sequences)
+    responses_per_prompt: Count = 2
+    temperature: Positive = 0.7  # PPO needs sampled responses
+    top_k: NonNegativeInt = 0  # 0 = off (the paper states none; the official code's sampled response uses 20)
+    top_p: Annotated[float, Rule(lambda v: 0 < v <= 1, "must be in (0, 1]")] = 1.0
+    max_new_tokens: Count = 160  # ~112 tokens for a top-10 list of Movie titles (paper section 3)
+    max_prompt_tokens: Count = 512  # prompts are cut from the left to this many tokens (the paper)
     # "strict": only a catalogue title earns an item reward; "lenient" (eval.parse) also matches through quotes,
     # case and cut-off annotations, so an invented suffix ("Heat (3)") is never penalised
     title_match: Literal["strict", "lenient"] = "strict"
     fuzzy_titles: bool = False  # also match titles within Levenshtein distance 3 (the official code's option)
 
-    def __post_init__(self):
-        for name in ("prompts_per_step", "responses_per_prompt", "max_new_tokens", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature must be > 0 (PPO needs sampled responses), got {self.temperature}")
-        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"rollout.top_k must be >= 0 and rollout.top_p in (0, 1], got {self.top_k}, {self.top_p}")
-
 
 @dataclass(frozen=True)
-class PPOHyper:
-    kl_coef: float = 0.3  # eta of Eq. 6: r_t -= eta * (log pi(y_t) - log pi_ref(y_t))
+class PPOHyper(Section):
+    kl_coef: NonNegative = 0.3  # eta of Eq. 6: r_t -= eta * (log pi(y_t) - log pi_ref(y_t))
     whiten_rewards: bool = True  # per-token rewards to unit std over response tokens, mean kept
-    gamma: float = 0.99
-    lam: float = 0.95
-    clip_eps: float = 0.2  # ratio clip
-    value_clip: float = 0.2
-    vf_coef: float = 0.5  # critic loss weight
-    ent_coef: float = 0.01  # entropy bonus
-    epochs: int = 4  # passes over the rollout batch per step
-    minibatches: int = 4  # minibatches per epoch; the rollout batch must divide evenly
-    target_kl: float | None = 0.05  # skip the remaining minibatch updates once approx KL exceeds it; None = off
+    gamma: Annotated[float, Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.99
+    lam: Annotated[float, Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.95
+    clip_eps: Annotated[float, Rule(lambda v: 0 < v < 1, "must be in (0, 1)")] = 0.2  # ratio clip
+    value_clip: NonNegative = 0.2
+    vf_coef: NonNegative = 0.5  # critic loss weight
+    ent_coef: NonNegative = 0.01  # entropy bonus
+    epochs: Count = 4  # passes over the rollout batch per step
+    minibatches: Count = 4  # minibatches per epoch; the rollout batch must divide evenly
+    target_kl: Positive | None = 0.05  # skip the remaining minibatch updates once approx KL exceeds it; None = off
     MOVED: ClassVar = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "adam_b1": "optim.b1",
                        "adam_b2": "optim.b2", "adam_eps": "optim.eps", "grad_clip": "optim.clip_norm"}
     # False: PPO's old log-probs are the sampler's (kept from sampling). True: recompute them with the training
@@ -92,38 +84,16 @@ class PPOHyper:
     # path; worth it in bfloat16, where the KV-cache decode and the full forward round differently.
     recompute_logprobs: bool = False
 
-    def __post_init__(self):
-        for name in ("epochs", "minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("kl_coef", "value_clip", "vf_coef", "ent_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 < self.clip_eps < 1.0:
-            raise ValueError(f"ppo.clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ValueError(f"ppo.target_kl must be > 0 or null (off), got {self.target_kl}")
+
+@dataclass(frozen=True)
+class TrainSection(Section):
+    steps: Count = 1000  # PPO steps (one rollout batch and its update each)
+    log_every: Count = 1
+    data_parallel: Count | None = None  # devices on the batch axis of the mesh (None: all devices)
 
 
 @dataclass(frozen=True)
-class TrainSection:
-    steps: int = 1000  # PPO steps (one rollout batch and its update each)
-    log_every: int = 1
-    data_parallel: int | None = None  # devices on the batch axis of the mesh (None: all devices)
-
-    def __post_init__(self):
-        for name in ("steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.data_parallel is not None and self.data_parallel < 1:
-            raise ValueError(f"train.data_parallel must be >= 1 or null, got {self.data_parallel}")
-
-
-@dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(Section):
     out_dir: str = "runs/ppo"
     teacher: str = "runs/teacher"  # a trained teacher directory (`reclm-jax teacher train --out ...`)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,7 +102,7 @@ class PPOConfig:
     # the RL stage's adapters: r 4, alpha 2 (the paper), no dropout (see the module docstring)
     actor_lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=4, alpha=2.0, dropout=0.0))
     critic_lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=4, alpha=2.0, dropout=0.0))
-    value_head_width: int = 64  # Linear(h, 64) -> GELU -> Linear(64, 1)
+    value_head_width: Count = 64  # Linear(h, 64) -> GELU -> Linear(64, 1)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardOptions = field(default_factory=RewardOptions)  # rewards.item_level=false: Ours_v3
     ppo: PPOHyper = field(default_factory=PPOHyper)
@@ -142,9 +112,9 @@ class PPOConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
 
-    def __post_init__(self):
-        if self.value_head_width < 1:
-            raise ValueError(f"value_head_width must be >= 1, got {self.value_head_width}")
+    def check(self) -> None:
+        if self.optim.schedule != "constant":
+            raise ValueError(f"optim.schedule must be 'constant' for PPO, got {self.optim.schedule!r}")
         batch = self.rollout.prompts_per_step * self.rollout.responses_per_prompt
         if batch % self.ppo.minibatches:
             raise ValueError(f"rollout.prompts_per_step x rollout.responses_per_prompt = {batch} sequences must "

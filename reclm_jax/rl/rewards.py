@@ -32,12 +32,13 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from reclm_jax.config import Section
 from reclm_jax.core.controls import KIND_CODE, Control, quota
 from reclm_jax.eval.lists import in_history_mask, pad, repeat_mask, valid_mask
 
 
 @dataclass(frozen=True)
-class RewardOptions:
+class RewardOptions(Section):
     # R_list is multiplied by this before it goes on the last token (paper section 2.3.3: "we amplify
     # R_list by a factor of 10"; the official code also multiplies by 10).
     list_scale: float = 10.0
@@ -47,10 +48,6 @@ class RewardOptions:
     # (`ideal_dcg`) wherever it appears (Eq. 5, and Eq. 4's I_0 case), as the official code does and the
     # paper does not.
     list_sum: Literal["paper", "idcg"] = "paper"
-
-    def __post_init__(self):
-        if self.list_sum not in ("paper", "idcg"):
-            raise ValueError(f"RewardOptions.list_sum={self.list_sum!r} must be 'paper' or 'idcg'")
 
 
 def item_rewards(scores, ctl_scores) -> np.ndarray:

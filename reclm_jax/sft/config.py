@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from reclm_jax.config import Count, NonNegativeInt, Section
 from reclm_jax.data.config import DataConfig
 from reclm_jax.llm.config import LoraConfig, ModelConfig
 from reclm_jax.llm.sharding import MeshConfig
@@ -25,40 +26,27 @@ SFT_OPTIM = OptimConfig(lr=1e-3, schedule="polynomial", warmup_ratio=0.0125, wei
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     seed: int = 0  # the adapter's initial `a` matrices, LoRA dropout masks (and random base weights)
-    global_batch: int = 64  # samples per optimiser step over all processes (the paper)
+    global_batch: Count = 64  # samples per optimiser step over all processes (the paper)
     # samples per forward/backward on each process (over all its devices); gradients accumulate to global_batch
-    micro_batch: int = 8
-    steps: int | None = None  # optimiser steps; None: tasks.num_epochs epochs of training samples
+    micro_batch: Count = 8
+    steps: Count | None = None  # optimiser steps; None: tasks.num_epochs epochs of training samples
     peak_tflops: float | None = None  # per-device peak for MFU; None: the table in run_log by device kind
-
-    def __post_init__(self):
-        for name in ("global_batch", "micro_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1 or null, got {self.steps}")
 
 
 @dataclass(frozen=True)
-class ValidConfig:
-    every: int = 200  # steps between validations (and one at the end); 0: never
-    users: int | None = None  # users per valid task; None: tasks.valid_users (320, the paper)
-    batch_size: int = 32  # prompts per generation batch
-    max_new_tokens: int = 256  # per answer (greedy)
+class ValidConfig(Section):
+    every: NonNegativeInt = 200  # steps between validations (and one at the end); 0: never
+    users: Count | None = None  # users per valid task; None: tasks.valid_users (320, the paper)
+    batch_size: Count = 32  # prompts per generation batch
+    max_new_tokens: Count = 256  # per answer (greedy)
     title_match: Literal["strict", "lenient"] = "strict"  # how answer titles name catalogue items (eval.parse)
     fuzzy_titles: bool = False  # also match titles within Levenshtein distance 3
 
-    def __post_init__(self):
-        if self.every < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("valid.every must be >= 0; valid.batch_size and valid.max_new_tokens >= 1")
-        if self.users is not None and self.users < 1:
-            raise ValueError(f"valid.users must be >= 1 or null, got {self.users}")
-
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(Section):
     out_dir: str = "runs/sft"
     teacher: str = "runs/teacher"  # a trained teacher directory (`reclm-jax teacher train --out ...`)
     data: DataConfig = field(default_factory=DataConfig)

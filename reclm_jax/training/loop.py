@@ -34,6 +34,7 @@ import jax
 import yaml
 
 from reclm_jax import config as config_lib
+from reclm_jax.config import Count, Section
 from reclm_jax.core.errors import RunError
 from reclm_jax.training.checkpoints import Checkpointer, abstract
 from reclm_jax.training.run_log import RunLog
@@ -47,20 +48,14 @@ StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """When the loop saves, how many it keeps, and which validation metric picks the best."""
 
-    every: int = 200  # steps between checkpoints (and one at the end)
-    keep_last: int = 3
+    every: Count = 200  # steps between checkpoints (and one at the end)
+    keep_last: Count = 3
     async_save: bool = True
     best_metric: str | None = None  # a validation metric ("<task>/<metric>"); None: no best checkpoint
     best_mode: Literal["max", "min"] = "max"
-
-    def __post_init__(self):
-        if self.every < 1 or self.keep_last < 1:
-            raise ValueError("checkpoint.every and checkpoint.keep_last must be >= 1")
-        if self.best_mode not in ("max", "min"):
-            raise ValueError(f"checkpoint.best_mode must be 'max' or 'min', got {self.best_mode!r}")
 
 
 class RunDir:

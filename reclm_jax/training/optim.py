@@ -14,21 +14,23 @@ from typing import Literal
 
 import optax
 
+from reclm_jax.config import Fraction, NonNegative, Positive, Section
+
 
 @dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-3  # the (peak) learning rate
+class OptimConfig(Section):
+    lr: Positive = 1e-3  # the (peak) learning rate
     # "constant": lr throughout. "polynomial": linear warmup over ceil(warmup_ratio x steps) steps to lr, then
     # polynomial decay (decay_power) to end_lr at the last step (Hugging Face's polynomial decay with warmup)
     schedule: Literal["constant", "polynomial"] = "constant"
-    end_lr: float = 0.0
-    warmup_ratio: float = 0.0
-    decay_power: float = 2.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float | None = None  # the global gradient norm is clipped to this; null: no clipping
+    end_lr: NonNegative = 0.0
+    warmup_ratio: Fraction = 0.0
+    decay_power: Positive = 2.0
+    weight_decay: NonNegative = 0.0
+    b1: Fraction = 0.9
+    b2: Fraction = 0.999
+    eps: Positive = 1e-8
+    clip_norm: Positive | None = None  # the global gradient norm is clipped to this; null: no clipping
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
