@@ -412,7 +412,7 @@ def test_presets_load_with_the_paper_coefficients(preset):
     cfg = config.load(PPOConfig, Path(__file__).parents[1] / "configs/ppo" / f"{preset}.yaml")
     p = cfg.ppo
     assert (p.kl_coef, p.gamma, p.lam, p.clip_eps, p.vf_coef, p.ent_coef) == (0.3, 0.99, 0.95, 0.2, 0.5, 0.01)
-    assert p.lr == 5e-6
+    assert (cfg.optim.lr, cfg.optim.clip_norm, cfg.optim.weight_decay) == (5e-6, 0.5, 0.0)
     assert (cfg.actor_lora.rank, cfg.actor_lora.alpha, cfg.critic_lora.rank, cfg.critic_lora.alpha) == (4, 2.0, 4, 2.0)
     assert (cfg.rollout.responses_per_prompt, cfg.rollout.temperature, cfg.prompts.k) == (2, 0.7, (6, 10))
     assert cfg.rewards.item_level and cfg.rewards.list_scale == 10.0

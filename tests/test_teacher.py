@@ -54,11 +54,12 @@ def test_presets_hold_the_issue_settings():
     paper = config_lib.load(TeacherConfig, CONFIGS / "paper.yaml")
     m, t = paper.model, paper.train
     assert (m.num_blocks, m.num_heads, m.width, m.ffn_dim, m.dropout, m.max_len) == (2, 2, 128, 256, 0.5, 10)
-    assert (m.activation, m.layer_norm_eps, t.loss, t.batch_size, t.lr, t.patience) == ("gelu", 1e-12, "softmax", 1024, 1e-3, 10)
+    assert (m.activation, m.layer_norm_eps, t.loss, t.batch_size, t.patience) == ("gelu", 1e-12, "softmax", 1024, 10)
+    assert (paper.optim.lr, paper.optim.b2) == (1e-3, 0.999)
     sas = config_lib.load(TeacherConfig, CONFIGS / "sasrec-ml1m.yaml")
     m, t = sas.model, sas.train
     assert (m.width, m.num_blocks, m.num_heads, m.max_len, m.dropout) == (50, 2, 1, 200, 0.2)
-    assert (t.loss, t.lr, t.batch_size) == ("bce", 1e-3, 128)
+    assert (t.loss, t.batch_size, sas.optim.lr, sas.optim.b2) == ("bce", 128, 1e-3, 0.98)
 
 
 def test_bad_config_values_name_the_field():
