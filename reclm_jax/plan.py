@@ -15,8 +15,8 @@ Compiles the preset's real programs ahead of time on a fake mesh of N CPU device
 Programs: SFT -> train step, validation prefill and decode (the sampling layout); PPO -> update, rollout
 prefill and decode; a pipeline config -> both stages. Teacher configs have nothing to shard (one device).
 
-The fake devices must exist before JAX starts, so the command re-executes itself with
-XLA_FLAGS=--xla_force_host_platform_device_count=N (and JAX_PLATFORMS=cpu).
+The fake devices must exist before JAX starts its backend: the command sets `jax_platforms=cpu` and
+`jax_num_cpu_devices=N` first (importing JAX starts nothing).
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +47,6 @@ from reclm_jax.rl.update import init_state, ppo_update
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFTConfig
 from reclm_jax.training import optim
-
-_DEVICES_ENV = "RECLM_PLAN_DEVICES"
-
 
 @dataclass
 class Program:
@@ -306,23 +300,18 @@ def report(rows: list[Row], notes: list[str], acc: Accelerator, devices: int, mf
 
 
 def command(args: argparse.Namespace) -> int:
-    """`reclm-jax plan`: plan in a process whose JAX sees `--devices` fake CPU devices; from any other process,
-    re-run the command in one (the devices must exist before JAX starts its backend)."""
+    """`reclm-jax plan`: plan on `--devices` fake CPU devices, set up before JAX starts its backend."""
     if args.devices < 1:
         raise UserError(f"--devices must be >= 1, got {args.devices}")
     if not 0 < args.mfu <= 1 or not 0 < args.mbu <= 1:
         raise UserError("--mfu and --mbu must be in (0, 1]")
-    if os.environ.get(_DEVICES_ENV) != str(args.devices):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", **{_DEVICES_ENV: str(args.devices)})
-        env["XLA_FLAGS"] = " ".join([*(f for f in env.get("XLA_FLAGS", "").split()
-                                       if not f.startswith("--xla_force_host_platform_device_count")),
-                                     f"--xla_force_host_platform_device_count={args.devices}"])
-        argv = ["--config", args.config, "--devices", str(args.devices), "--accelerator", args.accelerator,
-                "--mfu", str(args.mfu), "--mbu", str(args.mbu), *(["--model", args.model] if args.model else []),
-                *(["--json"] if args.json else []), *args.overrides]
-        return subprocess.run([sys.executable, "-m", "reclm_jax.cli", "plan", *argv], env=env).returncode
+    try:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    except RuntimeError:  # JAX has started already (a caller in the same process): it must see the devices
+        pass
     if jax.device_count() != args.devices:
-        raise UserError(f"JAX sees {jax.device_count()} devices, not {args.devices}")
+        raise UserError(f"JAX sees {jax.device_count()} devices, not {args.devices}: JAX started before `plan`")
     acc = ACCELERATORS[args.accelerator]
     try:
         programs, notes = plan(args.config, args.overrides, args.model)
