@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from reclm_jax.accelerators import ACCELERATORS
 from reclm_jax.core.errors import UserError
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Callable[[argparse.Namespace], int]]:
+    """The parsed arguments and the function that runs them (its module imported now)."""
     parser = build_parser()
     # `key=value` overrides may follow options too (`sft --quiet a.b=1`): argparse takes positionals in one run
     args, extra = parser.parse_known_args(argv)
@@ -57,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.parse_args(argv)  # the usual error, with the sub-command's usage line
     module, _, function = HANDLERS[args.handler].partition(":")
+    return args, getattr(importlib.import_module(module), function)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, handler = parse(argv)
     try:
-        return getattr(importlib.import_module(module), function)(args) or 0
+        return handler(args) or 0
     except UserError as e:
         print(f"reclm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,6 @@
 """Evaluation: scoring answers by hand, the tables, the generation loop on a tiny random model, the
 recommend command's marking, and training-curve plots."""
 
-import argparse
 import json
 import math
 
@@ -12,7 +11,8 @@ import pytest
 from reclm_jax.data.schema import Dataset
 from reclm_jax.eval import evaluate as E
 from reclm_jax.eval import tables as T
-from reclm_jax.eval.cli import history_items, recommendation_lines, register
+from reclm_jax import cli as command
+from reclm_jax.eval.cli import history_items, recommendation_lines
 from reclm_jax.core.controls import Control
 from reclm_jax.core.errors import UserError
 from reclm_jax.eval.parse import Catalogue
@@ -268,10 +268,8 @@ def test_generation_loop_end_to_end(tiny_model_dir, teacher_dir):
 
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    args, handler = command.parse(argv)
+    return handler(args)
 
 
 @pytest.fixture(scope="module")

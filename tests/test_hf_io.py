@@ -199,21 +199,16 @@ def test_bad_adapters(tmp_path):
 @pytest.mark.network
 def test_export_with_tokenizer_and_cli(tmp_path, capsys):
     """`reclm-jax export`: a merged directory with the tokenizer's files, and a PEFT adapter directory."""
-    import argparse
-
+    from reclm_jax import cli
     from reclm_jax.core.errors import UserError
-    from reclm_jax.llm import cli
 
     cfg = UNTIED.replace(vocab_size=32000)  # the Llama-2 tokenizer's vocabulary
     params = random_params(cfg)
     base = hf_io.save_hf_dir(tmp_path / "base", params, cfg)
     adapter_dir = hf_io.save_peft_dir(tmp_path / "adapter", random_lora(cfg, LORA_CFG), cfg, LORA_CFG)
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
-
     def run(*argv):
-        args = parser.parse_args(list(argv))
-        return args.handler(args)
+        args, handler = cli.parse(list(argv))
+        return handler(args)
 
     run("export", "--model", str(base), "--lora", str(adapter_dir), "--out", str(tmp_path / "merged"),
         "--dtype", "float32", "--tokenizer", "llama2")

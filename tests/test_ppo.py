@@ -367,12 +367,10 @@ def test_ppo_learns_to_name_the_target_item():
 def test_ppo_command_logs_checkpoints_and_resumes(tmp_path):
     """`reclm-jax ppo` on the tiny preset (random tiny Llama, real tokenizer, ML-100k RL prompts, a random
     SASRec teacher written as a teacher directory): 2 steps, then a resumed run to 3 steps."""
-    import argparse
-
     from flax import nnx
 
+    from reclm_jax import cli
     from reclm_jax.data import load_dataset
-    from reclm_jax.rl import cli
     from reclm_jax.teacher import checkpoint as teacher_checkpoint
     from reclm_jax.teacher.config import TeacherConfig
     from reclm_jax.teacher.query import build_model
@@ -385,16 +383,14 @@ def test_ppo_command_logs_checkpoints_and_resumes(tmp_path):
     teacher_checkpoint.write_info(teacher_dir, teacher_cfg, dataset.num_items, dataset.name)
     teacher_checkpoint.save_best(teacher_dir, 0, nnx.to_pure_dict(teacher_state))
 
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
     out = tmp_path / "ppo"
 
     def ppo(steps):
-        args = parser.parse_args(["ppo", "--config", str(root / "configs/ppo/tiny.yaml"), "--quiet",
+        args, handler = cli.parse(["ppo", "--config", str(root / "configs/ppo/tiny.yaml"), "--quiet",
                                   f"out_dir={out}", f"teacher={teacher_dir}", f"train.steps={steps}",
                                   "checkpoint.every=1", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
                                   "rollout.max_prompt_tokens=64", "ppo.epochs=1"])
-        assert args.handler(args) == 0
+        assert handler(args) == 0
 
     ppo(2)
     ppo(3)  # resumes after step 2
