@@ -5,7 +5,7 @@ only what differs from the defaults; CLI overrides like `optim.lr=3e-4` apply la
 values of the wrong type fail early with a message naming the file and the key.
 
 Validation is declared, not written: a field's rule is part of its type (`rank: Count = 16`, with `Count`,
-`Positive`, `NonNegative`, `Fraction` below, or `Annotated[T, rule(...)]`; choices are `Literal`s), and a
+`Positive`, `NonNegative`, `Fraction` below, or `Annotated[T, Rule(...)]`; choices are `Literal`s), and a
 section's cross-field rules are its `check()` method. Every config dataclass derives from `Section`, whose
 `validate` applies both on construction; the loader names the full dotted key of what fails
 (`sft.lora.rank must be >= 1, got 0`), so `check()` messages start with the (section-relative) key they blame.
@@ -64,10 +64,9 @@ def validate(cfg: Section) -> None:
 @functools.cache
 def _rules(cls: type) -> dict[str, list[Rule]]:
     """{field: its rules}: `Annotated` rules and `Literal` choices, also inside `X | None`."""
-    out = {}
+    out, hints = {}, typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls, include_extras=True)[f.name]
-        found = []
+        tp, found = hints[f.name], []
         for arg in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,):
             if typing.get_origin(arg) is Annotated:
                 found += [m for m in arg.__metadata__ if isinstance(m, Rule)]

@@ -96,7 +96,8 @@ def test_every_stage_names_its_optimiser_in_one_optim_section():
     assert PipelineConfig().teacher.optim.b2 == 0.98
 
 
-@pytest.mark.parametrize("old, new", [("ppo.ppo.lr=1e-3", "ppo.optim.lr"), ("ppo.ppo.grad_clip=1", "ppo.optim.clip_norm"),
+@pytest.mark.parametrize("old, new", [("ppo.ppo.lr=1e-3", "ppo.optim.lr"),
+                                      ("ppo.ppo.grad_clip=1", "ppo.optim.clip_norm"),
                                       ("teacher.train.adam_b2=0.9", "teacher.optim.b2")])
 def test_an_old_optimiser_key_names_its_new_key(old, new):
     from reclm_jax.pipeline import PipelineConfig

@@ -61,8 +61,8 @@ class DataConfig(Section):
             what = "--reviews and --meta" if self.name == "amazon" else "--reviews (steam_reviews.json.gz) and --meta (steam_games.json.gz)"
             raise ValueError(f"name: dataset {self.name!r} is read from your files: give {what}")
         if self.is_path and self.reviews is not None:
-            raise ValueError("reviews (--reviews) is for amazon and steam; for your own files give the interactions table "
-                             "(or its directory) as --dataset")
+            raise ValueError("reviews (--reviews) is for amazon and steam; for your own files give the interactions "
+                             "table (or its directory) as --dataset")
         if self.category_sep == "":
             raise ValueError("category_sep must not be empty (None: detect it)")
 

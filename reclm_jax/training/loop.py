@@ -83,8 +83,8 @@ class RunDir:
             changed = [change(k) for k in sorted(old.keys() | new.keys())
                        if change(k) and not any(k == m or k.startswith(m + ".") for m in may_change)]
             if changed:
-                shown = ", ".join(changed[:8])
-                raise RunError(f"{self.path} holds a run with another config ({shown}{', ...' if len(changed) > 8 else ''}); "
+                shown = ", ".join(changed[:8]) + (", ..." if len(changed) > 8 else "")
+                raise RunError(f"{self.path} holds a run with another config ({shown}); "
                                "choose a new out_dir, or pass --no-resume to start afresh there")
 
     def start(self) -> None:
