@@ -158,6 +158,7 @@ MEASURE = textwrap.dedent("""
     from reclm_jax.llm import lora as lora_lib, model
     from reclm_jax.sft import step as step_lib
     from reclm_jax.sft.config import SFTConfig
+    from reclm_jax.training import optim
 
     def status(field):  # kB -> bytes, from the kernel's view of this process
         for line in open("/proc/self/status"):
