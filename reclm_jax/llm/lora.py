@@ -11,6 +11,7 @@ PEFT's `lora_A.weight` [r, in] is `a.T` and `lora_B.weight` [out, r] is `b.T`.
     init(key, params, cfg, lora_cfg) -> lora
     merge(params, lora, lora_cfg) -> params      # base weights with the adapter folded in
     linear(x, w, adapter, lora_cfg, dropout_rng, out_dtype=None, matmul_dtype=None)   # used by model.forward
+    low_rank(x, a, b, scale, out_dtype)   # linear's adapter path, with a transpose-free backward (custom VJP)
 """
 
 from __future__ import annotations
