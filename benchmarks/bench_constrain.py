@@ -13,7 +13,6 @@ on the synthetic catalogue.
 
 from __future__ import annotations
 
-import argparse
 import time
 import tracemalloc
 
@@ -29,6 +28,7 @@ from reclm_jax.tasks.samples import Sample
 from reclm_jax.tasks.templates import load_templates
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.tasks.encode import display_titles
+import timing
 from timing import timed
 
 
@@ -50,10 +50,8 @@ def build(titles, tok, label):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = timing.parser(__doc__)
+    timing.add_decode_args(parser, new_tokens=96)
     parser.add_argument("--synthetic", type=int, default=100_000)
     args = parser.parse_args()
 

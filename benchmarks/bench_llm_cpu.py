@@ -10,9 +10,6 @@ Decode time = generate time - prefill time of the same shapes.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import jax
 import numpy as np
 import torch
@@ -20,15 +17,14 @@ import transformers
 
 from reclm_jax.llm import gguf_io, hf_io, sampling
 from reclm_jax.llm.config import LlamaConfig
+import timing
 from timing import timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser = timing.parser(__doc__)
+    timing.add_decode_args(parser, new_tokens=64)
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     config, state = gguf_io.read_gguf(hf_io.resolve_model_path("smollm2-135m"))
@@ -41,9 +37,8 @@ def main() -> None:
 
     p, n = args.prompt_len, args.new_tokens
     rng = np.random.default_rng(0)
-    print(f"# SmolLM2-135M float32, prompt {p} tokens, {n} new tokens; jax {jax.__version__} "
-          f"({jax.device_count()} CPU device), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"# SmolLM2-135M float32, prompt {p} tokens, {n} new tokens; {timing.machine()}; "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print("| batch | side | prompt tok/s | generated tok/s | first call (s) |")
     print("|---|---|---|---|---|")
     for b in args.batch:

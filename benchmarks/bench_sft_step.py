@@ -1,7 +1,9 @@
 """One SFT micro-step of SmolLM2-135M on this CPU: step variants timed in one run, interleaved.
 
-Variants (`--variants`, default `f32 bf16-matmul`):
-  f32            today's step: float32 weights and compute
+Variants (`--variants`, default `f32-jax-lora f32 bf16-matmul`; the first is the ratios' base):
+  f32-jax-lora   the step before issue 13: float32, the LoRA path's backward by JAX's own rule (XLA then
+                 writes the [tokens, out] cotangents transposed for the b gradients)
+  f32            today's step: float32 weights and compute (`lora.low_rank`'s backward)
   bf16-matmul    bfloat16-stored base weights, the weight products on bfloat16 inputs with float32
                  accumulation (`LlamaConfig.matmul_dtype`), everything else and the LoRA path in float32
   f32-bf16-matmul  the same products from float32-stored weights (converted inside every step)
@@ -15,12 +17,15 @@ machine slows all alike; the median per variant is reported. `--profile DIR` ins
 variant and prints its 15 costliest XLA ops (trace in DIR, open with xprof/TensorBoard).
 
     python benchmarks/bench_sft_step.py [--batch 8] [--length 320] [--response 110] [--repeats 3]
+
+`variant(name, cfg, params)` (model config, LoRA config, base weights, patches) is shared with
+`sft_dtype_curves.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
+import contextlib
 import functools
 import glob
 import gzip
@@ -29,7 +34,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +47,7 @@ from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFT_OPTIM
 from reclm_jax.training import optim
+import timing
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from reference_logprobs import token_logprobs  # noqa: E402  (scores every position)
@@ -56,6 +61,49 @@ def all_position_loss(lora, params, batch, dropout_rng, *, cfg, lora_cfg, respon
     logprobs, _ = token_logprobs(params, cfg, batch["tokens"], batch["attention_mask"], lora=lora,
                                  lora_cfg=lora_cfg, dropout_rng=dropout_rng)
     return step_lib.response_loss(logprobs, batch["loss_mask"][:, 1:])[0]
+
+
+def jax_rule_low_rank(x, a, b, scale, out_dtype):
+    """The LoRA path as before issue 13: plain products, differentiated by JAX's own rule."""
+    return (scale * jnp.dot(jnp.dot(x, a), b, preferred_element_type=out_dtype)).astype(out_dtype)
+
+
+VARIANTS = ("f32-jax-lora", "f32", "bf16-matmul", "f32-bf16-matmul", "bf16", "all-positions", "dropout")
+LORA = LoraConfig(rank=16, alpha=8.0, dropout=0.0, targets=LAYER_TARGETS)
+
+
+def variant(name: str, cfg, params):
+    """(model config, LoRA config, base weights, patches {(module, attribute): replacement} to apply while
+    tracing) of a variant named in the module docstring."""
+    bf16_params = lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)  # noqa: E731
+    if name == "f32-jax-lora":
+        return cfg, LORA, params, {(lora_lib, "low_rank"): jax_rule_low_rank}
+    if name == "f32":
+        return cfg, LORA, params, {}
+    if name == "bf16-matmul":
+        return cfg.replace(param_dtype="bfloat16", matmul_dtype="bfloat16"), LORA, bf16_params(), {}
+    if name == "f32-bf16-matmul":
+        return cfg.replace(matmul_dtype="bfloat16"), LORA, params, {}
+    if name == "bf16":
+        return cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16"), LORA, bf16_params(), {}
+    if name == "all-positions":  # the step looks the loss up by name
+        return cfg, LORA, params, {(step_lib, "batch_loss"): all_position_loss}
+    if name == "dropout":
+        return cfg, replace(LORA, dropout=0.1), params, {}
+    raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+
+
+@contextlib.contextmanager
+def patched(patches):
+    """Apply a variant's patches (module attributes swapped while a step is traced)."""
+    saved = {(m, a): getattr(m, a) for m, a in patches}
+    try:
+        for (m, a), value in patches.items():
+            setattr(m, a, value)
+        yield
+    finally:
+        for (m, a), value in saved.items():
+            setattr(m, a, value)
 
 
 def step_flops(cfg, b: int, t: int, response: int, lora_rank: int) -> float:
@@ -94,77 +142,55 @@ def profile(name: str, fn, out_dir: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = timing.parser(__doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=320)
     parser.add_argument("--response", type=int, default=110)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["f32", "bf16-matmul"])
+    parser.add_argument("--variants", nargs="+", default=["f32-jax-lora", "f32", "bf16-matmul"], choices=VARIANTS)
     parser.add_argument("--profile", metavar="DIR")
     args = parser.parse_args()
 
     cfg, params = hf_io.load_pretrained("smollm2-135m")
     params = jax.device_put(params)
-    bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     b, t = args.batch, args.length
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
     loss_mask = np.zeros((b, t), bool)
     loss_mask[:, t - args.response:] = True
     batch = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.ones((b, t), bool), "loss_mask": jnp.asarray(loss_mask)}
-    lora_cfg = LoraConfig(rank=16, alpha=8.0, dropout=0.0, targets=LAYER_TARGETS)
-    bf16 = dict(param_dtype="bfloat16", compute_dtype="bfloat16")
-    known = {  # name: (model config, LoRA config, loss, base weights)
-        "f32": (cfg, lora_cfg, step_lib.batch_loss, params),
-        "bf16-matmul": (cfg.replace(param_dtype="bfloat16", matmul_dtype="bfloat16"), lora_cfg,
-                        step_lib.batch_loss, bf16_params),
-        "f32-bf16-matmul": (cfg.replace(matmul_dtype="bfloat16"), lora_cfg, step_lib.batch_loss, params),
-        "bf16": (cfg.replace(**bf16), lora_cfg, step_lib.batch_loss, bf16_params),
-        "all-positions": (cfg, lora_cfg, all_position_loss, params),
-        "dropout": (cfg, replace(lora_cfg, dropout=0.1), step_lib.batch_loss, params),
-    }
-    for name in args.variants:
-        if name not in known:
-            parser.error(f"--variants: unknown variant {name!r}; known: {', '.join(known)}")
 
     steps = {}
     for name in args.variants:
-        vcfg, vlora, loss_fn, vparams = known[name]
+        vcfg, vlora, vparams, patches = variant(name, cfg, params)
         tx = optim.optimizer(SFT_OPTIM, 100)
         state = step_lib.init_state(lora_lib.init(jax.random.key(0), params, cfg, vlora), tx)
-        step_lib_loss, step_lib.batch_loss = step_lib.batch_loss, loss_fn  # the step looks the loss up by name
-        try:
+        with patched(patches):
             fn = jax.jit(functools.partial(step_lib.train_step, cfg=vcfg, lora_cfg=vlora, tx=tx, accum=1,
                                            response_len=args.response))
             compiled = fn.lower(state, vparams, batch, jax.random.key(1)).compile()
-        finally:
-            step_lib.batch_loss = step_lib_loss
         steps[name] = functools.partial(lambda c, s, p: jax.block_until_ready(c(s, p, batch, jax.random.key(1))),
                                         compiled, state, vparams)
-        steps[name]()  # warm-up
+        loss = float(steps[name]()[1]["loss"])  # warm-up
+        print(f"{name}: first-step loss {loss:.5f}", flush=True)
     if args.profile:
         for name, run in steps.items():
             profile(name, run, args.profile)
         return
 
-    times = collections.defaultdict(list)
-    for _ in range(args.repeats):
-        for name, run in steps.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    flops = step_flops(cfg, b, t, args.response, lora_cfg.rank)
+    times, cpu = timing.interleaved(steps, args.repeats)
+    flops = step_flops(cfg, b, t, args.response, LORA.rank)
     print(f"SmolLM2-135M, micro-batch {b} x {t} tokens ({args.response} answer tokens per row), LoRA r 16 on "
-          f"every linear layer, no dropout; {flops / 1e12:.2f} TFLOP of matrix products per step; jax "
-          f"{jax.__version__} on {jax.devices()[0].device_kind}; load average {os.getloadavg()[0]:.1f}; "
-          f"median of {args.repeats} interleaved rounds")
-    print(f"| variant | s per step (runs) | tokens/s | vs {args.variants[0]} | of {MATMUL_F32_GFLOPS} GFLOP/s f32 |")
-    print("|---|---:|---:|---:|---:|")
-    base = statistics.median(times[args.variants[0]])
+          f"every linear layer, no dropout; {flops / 1e12:.2f} TFLOP of matrix products per step; "
+          f"{timing.machine()} at the end; median of {args.repeats} interleaved rounds")
+    print(f"| variant | wall s per step (runs) | tokens/s | vs {args.variants[0]} | of {MATMUL_F32_GFLOPS} GFLOP/s "
+          f"f32 | CPU s per step (runs) | CPU vs {args.variants[0]} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    base, base_cpu = statistics.median(times[args.variants[0]]), statistics.median(cpu[args.variants[0]])
     for name in args.variants:
-        s = statistics.median(times[name])
-        runs = ", ".join(f"{x:.1f}" for x in times[name])
+        s, c = statistics.median(times[name]), statistics.median(cpu[name])
+        runs, cpu_runs = (", ".join(f"{x:.1f}" for x in v[name]) for v in (times, cpu))
         print(f"| {name} | {s:.2f} ({runs}) | {b * t / s:.0f} | {base / s:.2f}x | "
-              f"{100 * flops / s / 1e9 / MATMUL_F32_GFLOPS:.0f} % |", flush=True)
+              f"{100 * flops / s / 1e9 / MATMUL_F32_GFLOPS:.0f} % | {c:.1f} ({cpu_runs}) | {base_cpu / c:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":

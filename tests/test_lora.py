@@ -175,3 +175,16 @@ def test_bf16_matmul_dtype_stays_close_to_float32_and_trains_the_float32_adapter
     for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
         assert b.dtype == jnp.float32
         assert float(jnp.linalg.norm(a - b)) < 0.05 * float(jnp.linalg.norm(a)) + 1e-6
+
+
+def test_low_rank_gradients_match_the_formulas_by_hand():
+    kx, ka, kb, kg = jax.random.split(jax.random.key(4), 4)
+    x, a, b = jax.random.normal(kx, (2, 5, 8)), jax.random.normal(ka, (8, 3)), jax.random.normal(kb, (3, 6))
+    g = jax.random.normal(kg, (2, 5, 6))
+    y, vjp = jax.vjp(lambda x, a, b: lora_lib.low_rank(x, a, b, 0.5, jnp.dtype(jnp.float32)), x, a, b)
+    dx, da, db = vjp(g)
+    x, a, b, g = (np.asarray(v, np.float64) for v in (x, a, b, g))
+    np.testing.assert_allclose(y, 0.5 * x @ a @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, 0.5 * g @ b.T @ a.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(da, 0.5 * np.einsum("btk,btr->kr", x, g @ b.T), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, 0.5 * np.einsum("btr,btn->rn", x @ a, g), rtol=1e-5, atol=1e-5)
