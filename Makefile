@@ -22,8 +22,12 @@ demo: install
 lint: install
 	$(BIN)/lint-imports
 
+# Two workers (a 2-core machine; TEST_WORKERS=0 runs in one process), each given whole test modules, so a module's
+# fixtures are built once; the compiled programs are shared between them through tests/conftest.py's cache.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # The inner loop: everything but the tests marked slow (subprocess meshes, real weights end to end).
 test-fast: lint

@@ -33,17 +33,6 @@ LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=LORA_TARGETS)  # lm_he
 B, T, ACCUM, TOTAL = 4, 16, 2, 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Share compiled steps between the trainers these tests start (a resumed run compiles the same step)."""
-    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 def test_response_loss_is_per_sample_mean_then_batch_mean():
     logprobs = jnp.array([[-2.0, -3.0, -9.0], [-0.5, -7.0, -4.0]])
     valid = jnp.array([[1, 1, 0], [1, 0, 0]], bool)
@@ -225,8 +214,7 @@ SHARDED_STEP = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_step_on_8_devices_equals_single_device_step():
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}  # with the session's compilation cache (conftest)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", SHARDED_STEP], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)

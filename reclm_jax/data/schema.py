@@ -8,6 +8,7 @@ test target, the one before it the valid target, and everything before those is 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -113,7 +114,7 @@ class Dataset:
             "item_names": self.item_names,
             "notes": self.notes,
         }
-        tmp = path.with_name(path.name + ".part")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # processes building it at once must not share it
         with open(tmp, "wb") as f:
             np.savez(
                 f,

@@ -143,5 +143,9 @@ def _save_atomic(tokenizer: Any, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.replace(dest)
+    if not (dest / "tokenizer_config.json").is_file():
+        shutil.rmtree(dest, ignore_errors=True)  # an incomplete one
+    try:
+        tmp.replace(dest)
+    except OSError:  # another process (a parallel test worker, a second run) saved it first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
