@@ -31,7 +31,7 @@ test: lint
 
 # The inner loop: everything but the tests marked slow (subprocess meshes, real weights end to end).
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
