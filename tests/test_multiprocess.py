@@ -53,7 +53,7 @@ def _run(out: Path, nproc: int, kill_at: int | None = None) -> list[subprocess.C
 
 def _check_ok(runs: list[subprocess.CompletedProcess]) -> None:
     for r in runs:
-        assert r.returncode == 0, r.stdout[-4000:]
+        assert r.returncode == 0, r.stdout[-12000:]
 
 
 def _result(out: Path, nproc: int) -> dict:

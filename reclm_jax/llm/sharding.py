@@ -83,6 +83,8 @@ class MeshConfig(Section):
         sizes = self.sizes
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ValueError(f"data/fsdp/tensor must be positive or -1 (at most one), got {sizes}")
+        if self.heartbeat_timeout_s < 1:
+            raise ValueError(f"heartbeat_timeout_s must be >= 1, got {self.heartbeat_timeout_s}")
 
     @property
     def sizes(self) -> tuple[int, int, int]:
