@@ -29,7 +29,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 import grain  # noqa: E402
 from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 
 from reclm_jax import config  # noqa: E402
 from reclm_jax.eval.parse import Catalogue  # noqa: E402
@@ -57,15 +56,6 @@ assert jax.device_count() == DEVICES and jax.process_count() == NPROC
 
 policy = ChatPolicy.load("smollm2-135m")
 
-
-def in_step(name: str) -> None:
-    """Wait for the other process at the coordination service, then let a first collective set up gloo's
-    context while both are there: gloo gives a late peer only 30 s to join (this box is often 10x loaded)."""
-    if NPROC > 1:
-        from jax._src import distributed  # the coordination service's barrier has no public entry point
-
-        distributed.global_state.client.wait_at_barrier(name, 600_000)
-        multihost_utils.sync_global_devices(name)
 
 
 def samples(epoch: int) -> list[Sample]:
@@ -97,7 +87,6 @@ setup = sft.RunSetup(model_cfg=model_cfg, lora_cfg=sft_cfg.lora, params=params,
                      lora=jax.jit(lora_lib.init, static_argnums=(2, 3))(jax.random.key(sft_cfg.train.seed), params, model_cfg,
                                                                         sft_cfg.lora),
                      batches=batches, total_steps=SFT_STEPS, accum=accum, mesh=sharding.make_mesh(mesh_cfg))
-in_step("sft")
 sft_result = sft.train(setup, sft_cfg, progress=False)
 
 # ---- PPO: 1 step of 2 prompts x 2 responses, the rollout split over both devices
@@ -114,7 +103,6 @@ prompts = rollout.prompts_from_samples([replace(s, history=(1, 2, 3), target=4) 
                                        ppo_cfg.rollout.max_prompt_tokens)
 stream = grain.MapDataset.range(PPO_STEPS).map(lambda i: prompts[2 * i:2 * i + 2]).to_iter_dataset()
 trainer = PPOTrainer(ppo_cfg, params, model_cfg, scorer, policy, data_mesh())
-in_step("ppo")
 ppo_result = loop.train(loop.RunDir(ppo_cfg.out_dir, ppo_cfg), trainer.state, trainer.step, iter(stream),
                         total_steps=PPO_STEPS, checkpoint=ppo_cfg.checkpoint, progress=False, description="ppo")
 
