@@ -29,6 +29,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 import grain  # noqa: E402
 from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 from reclm_jax import config  # noqa: E402
 from reclm_jax.eval.parse import Catalogue  # noqa: E402
@@ -53,6 +54,8 @@ mesh_cfg = sharding.MeshConfig(fsdp=-1, multi_host=NPROC > 1, coordinator_addres
                                num_processes=NPROC, process_id=PID, heartbeat_timeout_s=10)
 sharding.initialize_distributed(mesh_cfg)
 assert jax.device_count() == DEVICES and jax.process_count() == NPROC
+if NPROC > 1:  # set gloo's context up now, while initialize has just lined the processes up (it gives a late
+    multihost_utils.sync_global_devices("start")  # peer 30 s; a loaded box skews the processes' start-up more)
 
 policy = ChatPolicy.load("smollm2-135m")
 
