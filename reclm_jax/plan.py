@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,6 +306,11 @@ def command(args: argparse.Namespace) -> int:
         raise UserError(f"--devices must be >= 1, got {args.devices}")
     if not 0 < args.mfu <= 1 or not 0 < args.mbu <= 1:
         raise UserError("--mfu and --mbu must be in (0, 1]")
+    # The programs are never run: skip LLVM's optimisation of their CPU code (buffer assignment, hence the
+    # memory figures, and the HLO that the FLOPs and collectives are read from come before it and are the same).
+    # XLA reads the flags when the backend starts (below, unless a caller in this process started it already).
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+                                        "--xla_llvm_disable_expensive_passes=true"]).strip()
     try:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.devices)

@@ -75,11 +75,16 @@ class MeshConfig(Section):
     coordinator_address: str | None = None  # None: from the environment / cluster auto-detection
     num_processes: int | None = None
     process_id: int | None = None
+    # A process whose peer died (kill -9, a lost host) stops with JAX's "distributed service detected fatal
+    # errors" after this many seconds without the peer's heartbeat, instead of waiting in a collective.
+    heartbeat_timeout_s: int = 100
 
     def check(self) -> None:
         sizes = self.sizes
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ValueError(f"data/fsdp/tensor must be positive or -1 (at most one), got {sizes}")
+        if self.heartbeat_timeout_s < 1:
+            raise ValueError(f"heartbeat_timeout_s must be >= 1, got {self.heartbeat_timeout_s}")
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -92,7 +97,8 @@ def initialize_distributed(cfg: MeshConfig) -> None:
         return
     if jax.distributed.is_initialized():
         return
-    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                               heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:

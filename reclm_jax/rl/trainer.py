@@ -87,7 +87,9 @@ class PPOTrainer:
         self.split = NamedSharding(self.mesh, PartitionSpec("data"))
         self.base = jax.device_put(base, self.replicated)
         self.keys = run_keys(cfg.seed)
-        self.state = jax.device_put(init_state(self.keys["init"], self.base, model_cfg, cfg), self.replicated)
+        # one program that creates the state in its place (many small eager ops and compiles otherwise)
+        self.state = jax.jit(init_state, static_argnums=(2, 3), out_shardings=self.replicated)(
+            self.keys["init"], self.base, model_cfg, cfg)
         self.actor_cfg, self.critic_cfg = cfg.actor_lora, cfg.critic_lora
 
     def step(self, state: TrainState, prompts: list[rollout.Prompt]) -> tuple[TrainState, dict[str, Any]]:

@@ -51,7 +51,7 @@ from reclm_jax.training.state import TrainState
 Params = dict[str, Any]
 # Config keys that may change when a run is resumed: they do not alter the steps already taken.
 MAY_CHANGE = ("train.steps", "train.peak_tflops", "valid", "checkpoint.every", "checkpoint.keep_last",
-              "checkpoint.async_save")
+              "checkpoint.async_save", "mesh.coordinator_address", "mesh.heartbeat_timeout_s")
 
 
 @dataclass
