@@ -81,6 +81,7 @@ def test_the_trained_answer_format_is_what_the_automaton_emits(ml100k, tokenizer
     assert response[-1] == auto.final[-1] and response[-1] in stop_token_ids(tokenizer)
 
 
+@pytest.mark.slow
 def test_random_model_answers_are_k_distinct_new_titles_that_follow_the_intent(ml100k, tokenizer):
     auto = automaton.catalogue_automaton(ml100k.titles, tokenizer)
     assert auto.dropped == {}

@@ -159,6 +159,7 @@ def test_mixed_dot_forward_and_backward_use_bf16_inputs_by_hand():
     np.testing.assert_allclose(dw, np.einsum("btk,btn->kn", _bf16(x), _bf16(g)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_matmul_dtype_stays_close_to_float32_and_trains_the_float32_adapter(params, batch):
     tokens, positions, mask = batch
     lora_cfg = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=LORA_TARGETS)

@@ -90,6 +90,7 @@ def test_recommend_reports_dropped_history_and_rejects_bad_sizes(tiny_model_dir,
             run_cli(["recommend", "--model", str(tiny_model_dir), "--history", "Heat (1995)", *argv])
 
 
+@pytest.mark.slow
 def test_evaluate_adds_constrained_rows_beside_the_unconstrained_ones(tiny_model_dir, teacher_dir, tiny_data,
                                                                         tmp_path, capsys):
     argv = ["evaluate", "--model", str(tiny_model_dir), "--teacher", str(teacher_dir), "--out", str(tmp_path),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from reclm_jax import hlo_stats
 from reclm_jax.llm import model
@@ -141,6 +142,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_on_8_devices_results_equal_one_device_and_each_device_does_an_eighth():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}
@@ -193,6 +195,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_planned_memory_of_the_tiny_preset_is_within_20_percent_of_a_real_step():
     # Large buffers mmapped (and so returned on free) to see the step's own peak in the resident size.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
