@@ -166,20 +166,23 @@ def _model(sub) -> None:
     export.set_defaults(handler="export", kind="merged")
 
 
-def _sft(sub) -> None:
-    p = sub.add_parser("sft", help="supervised LoRA fine-tuning on the instruction tasks (resumes an interrupted run)")
-    _config_args(p, "configs/sft/tiny.yaml", "out_dir=runs/sft train.steps=100 optim.lr=5e-4",
+def _training_stage(sub, name: str, help: str, config: str, example: str) -> None:
+    """A training stage's command (`sft`, `ppo`): a config, overrides, --no-resume and --quiet."""
+    p = sub.add_parser(name, help=help)
+    _config_args(p, config, example,
                  resume="start afresh even if out_dir holds a run (its checkpoints and logs are removed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler="sft")
+    p.set_defaults(handler=name)
+
+
+def _sft(sub) -> None:
+    _training_stage(sub, "sft", "supervised LoRA fine-tuning on the instruction tasks (resumes an interrupted run)",
+                    "configs/sft/tiny.yaml", "out_dir=runs/sft train.steps=100 optim.lr=5e-4")
 
 
 def _ppo(sub) -> None:
-    p = sub.add_parser("ppo", help="RL stage: PPO on the SFT model with the paper's item/list rewards")
-    _config_args(p, "configs/ppo/smollm2-135m.yaml", "optim.lr=1e-5 rewards.item_level=false out_dir=runs/ppo-v3",
-                 resume="start afresh even if out_dir holds a run (its checkpoints and logs are removed)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler="ppo")
+    _training_stage(sub, "ppo", "RL stage: PPO on the SFT model with the paper's item/list rewards",
+                    "configs/ppo/smollm2-135m.yaml", "optim.lr=1e-5 rewards.item_level=false out_dir=runs/ppo-v3")
 
 
 def _chat_model_args(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from reclm_jax.config import Count, Section
 from reclm_jax.core.errors import ConfigError
 from reclm_jax.data.config import DataConfig
 from reclm_jax.data.load import load_dataset
-from reclm_jax.eval.evaluate import GenerationSettings, ModelRun, run_evaluation
+from reclm_jax.eval.evaluate import CONSTRAIN_MODES, GenerationSettings, ModelRun, run_evaluation
 from reclm_jax.llm import hf_io
 from reclm_jax.llm.tokenizer import load_tokenizer
 from reclm_jax.rl.config import PPOConfig
@@ -47,9 +47,9 @@ class EvalSection(Section):
     constrain_models: Literal["all", "final"] = "all"
 
     def check(self) -> None:
-        unknown = [m for m in self.constrain if m not in ("catalogue", "intent")]
+        unknown = [m for m in self.constrain if m not in CONSTRAIN_MODES[1:]]
         if unknown:
-            raise ValueError(f"constrain: unknown modes {unknown}; modes are catalogue, intent")
+            raise ValueError(f"constrain: unknown modes {unknown}; modes are {', '.join(CONSTRAIN_MODES[1:])}")
 
 
 @dataclass(frozen=True)
