@@ -27,6 +27,7 @@ from reclm_jax.rl.config import PPOConfig
 from reclm_jax.rl.trainer import run as run_ppo
 from reclm_jax.sft.config import SFTConfig
 from reclm_jax.sft.trainer import run as run_sft
+from reclm_jax.tasks.evaluation import TEST_TASKS
 from reclm_jax.teacher.config import TeacherConfig
 from reclm_jax.teacher.query import Teacher
 from reclm_jax.teacher.train import train_teacher
@@ -45,8 +46,12 @@ class EvalSection(Section):
     constrain: tuple[str, ...] = ()
     # Which models get the constrained rows: "all", or "final" (the last trained one: what would be served).
     constrain_models: Literal["all", "final"] = "all"
+    tasks: tuple[str, ...] = ()  # only these test tasks (names as in tasks.evaluation.TEST_TASKS); () = all
 
     def check(self) -> None:
+        unknown_tasks = [t for t in self.tasks if t not in TEST_TASKS]
+        if unknown_tasks:
+            raise ValueError(f"tasks: unknown test tasks {unknown_tasks}; tasks are {', '.join(TEST_TASKS)}")
         unknown = [m for m in self.constrain if m not in CONSTRAIN_MODES[1:]]
         if unknown:
             raise ValueError(f"constrain: unknown modes {unknown}; modes are {', '.join(CONSTRAIN_MODES[1:])}")
@@ -166,7 +171,8 @@ def _evaluate(cfg: PipelineConfig, lay: Layout, dataset, sft_cfg: SFTConfig, pro
     task_cfg = replace(sft_cfg.tasks, seed=cfg.eval.seed, test_users=cfg.eval.users, sharegpt_ratio=0.0)
     run_evaluation(dataset, Teacher.load(lay.teacher), runs, lay.eval, task_cfg=task_cfg,
                    settings=cfg.eval.generation, title_match=cfg.eval.title_match, resamples=cfg.eval.bootstrap,
-                   teacher_path=str(lay.teacher), progress=progress, constrain=cfg.eval.constrain)
+                   teacher_path=str(lay.teacher), progress=progress, constrain=cfg.eval.constrain,
+                   tasks=cfg.eval.tasks)
     _say((lay.eval / "tables.md").read_text())
 
 

@@ -1,5 +1,6 @@
 """Checkpointer: state + data iterator + extra round trip, keep-last-N, best-by-metric, and kill -9 safety."""
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from reclm_jax.training.checkpoints import Checkpointer, abstract
+from reclm_jax.training.run_log import RunLog
 
 
 def batches():
@@ -142,3 +144,14 @@ def test_a_key_added_since_a_run_was_recorded_resumes_while_it_keeps_its_default
     changed = config.load(TeacherConfig, None, ["optim.eps=1e-6"])
     with pytest.raises(RunError, match=r"optim.eps: not recorded \(a key added since, default 1e-08\) -> 1e-06\)"):
         RunDir(tmp_path, changed)
+
+
+def test_run_log_reports_throughput_only_for_steps_that_count_tokens(tmp_path):
+    log = RunLog(tmp_path, total_steps=3, progress=False)
+    for step, tokens in [(1, 0), (2, 0), (3, 64)]:
+        log.step(step, {"loss": 1.0}, tokens=tokens)
+    log.close()
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())}
+    assert "step_time_s" not in records[1]  # no previous step to time against
+    assert records[2]["step_time_s"] > 0 and "tokens_per_s" not in records[2]  # the teacher: no "0 tok/s"
+    assert records[3]["tokens_per_s"] == pytest.approx(64 / records[3]["step_time_s"])

@@ -10,7 +10,7 @@ from tasks_helpers import LLAMA2, tiny_dataset, tiny_teacher, tiny_tokenizer
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.tasks.batches import EpochSamples, bucket_length, collate, sft_batches
-from reclm_jax.tasks.encode import display_titles, encode_samples
+from reclm_jax.tasks.encode import cut_shares, display_titles, encode_samples
 from reclm_jax.tasks.samples import Sample, TaskContext
 from reclm_jax.tasks.sharegpt import read_sharegpt
 from reclm_jax.tasks.training import training_samples
@@ -69,6 +69,20 @@ def test_display_titles_cut_to_max_tokens_and_stay_unique(tokenizer):
     assert len(set(out)) == 3 and out[2] == "Short"
     assert all(len(tokenizer.encode(t.rsplit(" (2)", 1)[0], add_special_tokens=False)) <= 4 for t in out)
     assert out[1] == out[0] + " (2)"
+
+
+def test_cut_shares_count_the_samples_encode_cuts(ctx, tokenizer):
+    samples = training_samples(ctx, 0)[:40]
+    policy = ChatPolicy.of(tokenizer)
+    whole = encode_samples(samples, policy, 10_000, 10_000)
+    responses = sorted(int(r["loss_mask"].sum()) for r in whole)
+    max_response, max_length = responses[len(responses) // 2], int(np.median([len(r["tokens"]) for r in whole]))
+    cut = encode_samples(samples, policy, max_length, max_response)
+    expected_response = np.mean([c["loss_mask"].sum() < w["loss_mask"].sum() for c, w in zip(cut, whole)])
+    expected_length = np.mean([(~c["loss_mask"]).sum() < (~w["loss_mask"]).sum() for c, w in zip(cut, whole)])
+    assert 0 < expected_response < 1 and 0 < expected_length < 1
+    assert cut_shares(samples, policy, max_length, max_response) == pytest.approx((expected_response, expected_length))
+    assert cut_shares(samples, policy, 10_000, 10_000) == (0.0, 0.0)
 
 
 def test_collate_pads_to_the_smallest_fitting_bucket():

@@ -21,6 +21,7 @@ from reclm_jax.llm.hf_io import FormatError
 from reclm_jax.llm.sampling import generate
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.encode import display_titles
+from reclm_jax.tasks.evaluation import TEST_TASKS
 from reclm_jax.tasks.samples import Sample
 from reclm_jax.tasks.templates import load_templates
 from reclm_jax.teacher.query import Teacher
@@ -58,6 +59,10 @@ def evaluate(args) -> int:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.bootstrap < 1:
         raise UserError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TEST_TASKS]
+    if unknown:
+        raise UserError(f"--tasks: unknown test tasks {unknown}; tasks are {', '.join(TEST_TASKS)}")
     try:
         # Test tasks only: no SL data is built, so the ShareGPT mix (I4) plays no part.
         task_cfg = TaskConfig(seed=args.seed, test_users=args.limit, sharegpt_ratio=0.0)
@@ -79,7 +84,7 @@ def evaluate(args) -> int:
         run_evaluation(dataset, teacher, runs, out, task_cfg=task_cfg, settings=settings,
                        title_match=args.title_match, fuzzy=args.fuzzy, resamples=args.bootstrap, force=args.force,
                        teacher_path=args.teacher,
-                       constrain=tuple(dict.fromkeys(m for m in args.constrain if m != "none")))
+                       constrain=tuple(dict.fromkeys(m for m in args.constrain if m != "none")), tasks=tasks)
     except FormatError as e:
         raise UserError(str(e)) from None
     print((out / "tables.md").read_text(encoding="utf-8"))

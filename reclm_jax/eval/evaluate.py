@@ -294,7 +294,7 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
                    task_cfg: TaskConfig, settings: GenerationSettings = GenerationSettings(),
                    title_match: str = "strict", fuzzy: bool = False, resamples: int = 1000, force: bool = False,
                    teacher_path: str | None = None, progress: bool = True,
-                   constrain: Sequence[str] = ()) -> list[tuple[str, dict]]:
+                   constrain: Sequence[str] = (), tasks: Sequence[str] = ()) -> list[tuple[str, dict]]:
     """Evaluate each run on the test set of `task_cfg` (seed, test_users) and write, under `out_dir`,
     runs/<label>/{metrics.json, answers.jsonl} and the tables (`tables.write_tables`). A run whose
     metrics.json was made with the same settings (model and adapter files, test set, decoding, title
@@ -303,7 +303,8 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     (`tasks.encode.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`; intervals
     from `resamples` bootstrap resamples seeded by task_cfg.seed. `constrain` ("catalogue", "intent"): each run
     whose `constrain` is set is also decoded under those modes, as extra rows labelled `constrained_label`
-    beside its unconstrained row."""
+    beside its unconstrained row. `tasks`: only these test tasks (`tasks.evaluation.TEST_TASKS` names; all when
+    empty)."""
     labels = [r.label for r in runs]
     if not runs or len(set(labels)) != len(labels) or TEACHER_ROW in labels:
         raise ValueError(f"row labels must be unique and not {TEACHER_ROW!r}, got {labels}")
@@ -312,7 +313,7 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     out_dir = Path(out_dir)
     policy = ChatPolicy.load(runs[0].tokenizer or runs[0].model)
     titles = display_titles(dataset.titles, policy, task_cfg.max_title_tokens)
-    eval_set = build_eval_set(TaskContext(dataset, teacher, task_cfg, titles=titles), "test")
+    eval_set = build_eval_set(TaskContext(dataset, teacher, task_cfg, titles=titles), "test", only=tuple(tasks) or None)
     catalogue = Catalogue(titles, title_match, fuzzy=fuzzy)
     bootstrap = Bootstrap(resamples, task_cfg.seed)
     print(f"test set of {dataset.name}: " + ", ".join(f"{t} {len(s)}" for t, s in eval_set.tasks.items())
@@ -322,7 +323,7 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     rows = [(TEACHER_ROW, teacher_metrics(teacher, eval_set, dataset, bootstrap))]
     shared = {"dataset": dataset.name, "num_items": dataset.num_items, "teacher": _fingerprint(teacher_path),
               "seed": task_cfg.seed, "test_users": task_cfg.test_users, "title_match": catalogue.rule,
-              "bootstrap_resamples": resamples, **asdict(settings)}
+              "bootstrap_resamples": resamples, **asdict(settings), **({"tasks": sorted(tasks)} if tasks else {})}
     shared.pop("batch_size")  # does not change greedy answers
     for run in runs:
         model = None

@@ -37,9 +37,10 @@ from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.sft import step as step_lib, validation
 from reclm_jax.sft.config import SFTConfig
 from reclm_jax.tasks.batches import sft_batches
-from reclm_jax.tasks.encode import display_titles
+from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.tasks.encode import cut_shares, display_titles
 from reclm_jax.tasks.evaluation import build_eval_set
-from reclm_jax.tasks.samples import TaskContext
+from reclm_jax.tasks.samples import Sample, TaskContext
 from reclm_jax.tasks.sharegpt import read_sharegpt
 from reclm_jax.tasks.training import training_samples
 from reclm_jax.teacher.query import Teacher
@@ -158,6 +159,21 @@ def check_inputs(cfg: SFTConfig) -> None:
         raise UserError(f"tasks.sharegpt_path={cfg.tasks.sharegpt_path!r} is not a file")
 
 
+CUT_PROBE = 256  # samples of epoch 0 measured for `warn_about_cuts`
+
+
+def warn_about_cuts(samples: list[Sample], policy: ChatPolicy, tasks_cfg: TaskConfig) -> None:
+    """Say how many training samples the length limits cut: a cut response teaches lists without their end."""
+    response, length = cut_shares(samples, policy, tasks_cfg.max_length, tasks_cfg.max_response_tokens)
+    if jax.process_index() == 0 and response:
+        print(f"warning: {response:.0%} of {len(samples)} SFT samples have answers longer than "
+              f"tasks.max_response_tokens={tasks_cfg.max_response_tokens}: they are cut, so the model does not learn "
+              "how those lists end (raise it)", flush=True)
+    if jax.process_index() == 0 and length:
+        print(f"warning: {length:.0%} of {len(samples)} SFT samples are longer than tasks.max_length="
+              f"{tasks_cfg.max_length}: their prompts lose their oldest tokens", flush=True)
+
+
 def run(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Result:
     """Build everything from `cfg` and train (or resume) in cfg.out_dir; the adapter goes to <out_dir>/adapter.
     The run directory and the inputs are checked before anything is loaded or created."""
@@ -181,6 +197,7 @@ def run(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Result
     # Memoised: epoch 0, built to count the steps, is reused by the pipeline.
     build_epoch = functools.lru_cache(maxsize=1)(lambda epoch: training_samples(ctx, epoch, conversations))
     steps = cfg.train.steps if cfg.train.steps is not None else epoch_steps(len(build_epoch(0)), cfg)
+    warn_about_cuts(build_epoch(0)[:CUT_PROBE], policy, tasks_cfg)
     out = run_dir.path
 
     validate = None

@@ -38,3 +38,14 @@ def encode_samples(samples: list[Sample], policy: ChatPolicy, max_length: int,
         mask[len(prompt):] = True
         out.append({"tokens": tokens, "loss_mask": mask})
     return out
+
+
+def cut_shares(samples: list[Sample], policy: ChatPolicy, max_length: int,
+               max_response_tokens: int) -> tuple[float, float]:
+    """The shares of `samples` that `encode_samples` cuts: (responses longer than max_response_tokens, whose end
+    and stop token are then never learnt; prompt + response longer than max_length, whose prompt loses its
+    oldest tokens)."""
+    pairs = policy.conversation_ids([(s.messages, s.response) for s in samples])
+    long_response = sum(len(r) > max_response_tokens for _, r in pairs)
+    too_long = sum(len(p) + min(len(r), max_response_tokens) > max_length for p, r in pairs)
+    return long_response / max(len(pairs), 1), too_long / max(len(pairs), 1)

@@ -82,14 +82,15 @@ class RunLog:
 
     def step(self, step: int, scalars: Mapping[str, float], *, tokens: int, flops: float | None = None) -> dict:
         """Log one optimiser step that processed `tokens` tokens and, if known, `flops` model FLOPs.
-        Returns the scalars written (with tokens/s, tokens/s/device and MFU once measurable)."""
+        Returns the scalars written (with the step time, and tokens/s, tokens/s/device and MFU once measurable)."""
         now = time.perf_counter()
         out = dict(scalars)
         if self._last_time is not None:
             dt = now - self._last_time
-            out["tokens_per_s"] = tokens / dt
-            out["tokens_per_s_per_device"] = tokens / dt / self.num_devices
             out["step_time_s"] = dt
+            if tokens:  # a stage whose step counts no tokens (the teacher) gets no throughput, not "0 tok/s"
+                out["tokens_per_s"] = tokens / dt
+                out["tokens_per_s_per_device"] = tokens / dt / self.num_devices
             if flops is not None:
                 per_device = flops / dt / self.num_devices
                 out["tflops_per_device"] = per_device / 1e12
