@@ -28,14 +28,15 @@ import numpy as np
 from reclm_jax.data.load import load_dataset
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.eval.recommend import IntentSpec, instruction
-from reclm_jax.llm import hf_io, lora, sampling
+from reclm_jax.llm import hf_io, lora
 from reclm_jax.llm.automaton import catalogue_automaton, save_automaton
 from reclm_jax.llm.config import LoraConfig
 from reclm_jax.llm.grammar import catalogue_grammar
-from reclm_jax.llm.tokenizer import load_tokenizer, stop_token_ids
+from reclm_jax.llm.chat import ChatPolicy
+from reclm_jax.llm.tokenizer import load_tokenizer
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.templates import load_templates
-from reclm_jax.tasks.tokenize import display_titles
+from reclm_jax.tasks.encode import display_titles
 
 ROOT = Path(__file__).resolve().parents[1]
 HISTORY = ["Heat (1995)", "Toy Story (1995)", "Fargo (1996)"]
@@ -58,14 +59,12 @@ def random_adapter(base: Path, out: Path) -> Path:
     return hf_io.save_peft_dir(out, adapter, cfg, lora_cfg, base_model_name_or_path=str(base))
 
 
-def our_answers(model_dir: Path, adapters: list[Path], prompt_ids: list[int], rows, tok) -> tuple[str, str]:
+def our_answers(model_dir: Path, adapters: list[Path], prompt_ids: list[int], rows,
+                policy: ChatPolicy) -> tuple[str, str]:
+    """Our greedy answer, then our constrained greedy answer (`rows`), as `ChatPolicy` decodes them."""
     cfg, params = hf_io.load_merged(model_dir, adapters)
-    out = []
-    for constraint in (None, rows):
-        res = sampling.generate(params, cfg, [prompt_ids], max_new_tokens=MAX_TOKENS, eos_ids=stop_token_ids(tok),
-                                constraint=constraint)
-        out.append(tok.decode(res.tokens[0, :res.lengths[0]].tolist(), skip_special_tokens=True))
-    return out[0], out[1]
+    return tuple(policy.answer(params, cfg, [prompt_ids], max_new_tokens=MAX_TOKENS, batch_size=1,
+                               constraint=constraint)[0] for constraint in (None, rows))
 
 
 class Server:
@@ -175,10 +174,10 @@ def main() -> int:
             hf_io.save_hf_dir(merged, params, cfg, tokenizer=load_tokenizer(base), dtype="float32")
     say(f"merged export: {merged}; base: {base}; adapter: {adapter}")
 
-    tok = load_tokenizer(merged)
+    policy = ChatPolicy.load(merged)
     dataset = load_dataset("ml-100k")
     templates = load_templates()
-    titles = display_titles(dataset.titles, tok, TaskConfig.max_title_tokens)
+    titles = display_titles(dataset.titles, policy, TaskConfig.max_title_tokens)
     catalogue = Catalogue(titles)
     history = [catalogue.lookup(t)[0] for t in HISTORY]
     spec = IntentSpec.from_options(dataset.categories, templates, exclude=[EXCLUDE])
@@ -186,13 +185,12 @@ def main() -> int:
     (work / "grammar.ebnf").write_text(catalogue_grammar(titles, K))
     grammar = (work / "grammar.ebnf").read_text()
     start = time.perf_counter()
-    automaton = catalogue_automaton(titles, tok)
+    automaton = catalogue_automaton(titles, policy.tokenizer)
     save_automaton(automaton, work / "catalogue.npz", 20, dataset.categories, dataset.category_matrix)
     say(f"automaton of {len(automaton.items)} titles built in {time.perf_counter() - start:.1f} s")
     rows = automaton.rows([K], [history], [spec.constraint()], dataset.category_matrix)
     xargs = {"reclm_k": K, "reclm_history": history, "reclm_exclude": list(spec.exclude)}
-    prompt_ids = tok([tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              tokenize=False)], add_special_tokens=False)["input_ids"][0]
+    prompt_ids = policy.prompt_ids([("user", prompt)], 2048 - MAX_TOKENS)
     banned = dataset.category_matrix[:, dataset.category_index[EXCLUDE]]
     say(f"prompt ({len(prompt_ids)} tokens):\n{prompt}")
 
@@ -202,7 +200,7 @@ def main() -> int:
             ("base + PEFT adapter (--enable-lora)", base, [adapter],
              ["--enable-lora", "--max-lora-rank", "16", "--lora-modules", f"reclm-lora={adapter}"], "reclm-lora")):
         start = time.perf_counter()
-        greedy, constrained = our_answers(served, adapters, prompt_ids, rows, tok)
+        greedy, constrained = our_answers(served, adapters, prompt_ids, rows, policy)
         say(f"{label}: our sampler's greedy and constrained answers in {time.perf_counter() - start:.0f} s")
         server = Server(args.vllm_python, served, work, 8011, extra)
         say(f"{label}: vLLM server up in {server.startup:.0f} s")

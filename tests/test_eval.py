@@ -27,6 +27,8 @@ TITLES = ["Toy Story (1995)", "Heat (1995)", "Babe (1995)", "Casino (1995)", "Fa
 GENRES = [("Animation", "Comedy"), ("Action", "Crime"), ("Comedy", "Drama"), ("Crime", "Drama"), ("Crime", "Drama"),
           ("Horror",), ("Action",), ("Drama",), ("Drama",), ("Drama",), ("Action", "Horror"), ("Action", "Horror")]
 
+TABLE = {t.key: t for t in T.TABLES}
+
 
 def tiny_dataset() -> Dataset:
     rng = np.random.default_rng(0)
@@ -145,7 +147,7 @@ ROWS = [
 
 
 def test_markdown_values_intervals_users_order_emphasis_and_missing_cells():
-    t2 = T.markdown(T.TABLES[0], ROWS).splitlines()
+    t2 = T.markdown(TABLE["table2"], ROWS).splitlines()
     assert t2[0] == "### Table 2: sequential recommendation (I0)"
     assert t2[2] == "| Model | HR@10 | NDCG@10 | HR@5 | NDCG@5 |"
     assert [line.split(" | ")[0] for line in t2[4:7]] == ["| SASRec", "| base", "| ours"]  # the given order
@@ -153,24 +155,24 @@ def test_markdown_values_intervals_users_order_emphasis_and_missing_cells():
                      "| **0.100** [0.100, 0.100] n=20 | **0.080** [0.080, 0.080] n=20 |")
     assert t2[6].startswith("| ours | <u>0.110</u> [0.110, 0.110] n=20 | **0.095** [0.095, 0.095] n=20 "
                             "| **0.100** [0.100, 0.100] n=20 |")  # ties share a place
-    t3 = T.markdown(T.TABLES[1], ROWS).splitlines()
+    t3 = T.markdown(TABLE["table3"], ROWS).splitlines()
     assert not any(line.startswith("| SASRec") for line in t3)  # no cell of Table 3 applies to the teacher
     base, ours = t3[4], t3[5]
     assert base.split(" | ")[3] == "<u>4.5</u> [1.2, 9.0] (2.2 [0.0, 5.0]) n=18"  # Python rounds half to even
     # -C's TCP is lower-is-better: 5.0 is the best
     assert ours.endswith("| **5.0** [2.0, 8.2] (38.0 [38.0, 38.0]) n=17 |")
-    lenient = T.markdown(T.TABLES[1], ROWS, "lenient+fuzzy<=3").splitlines()[0]
+    lenient = T.markdown(TABLE["table3"], ROWS, "lenient+fuzzy<=3").splitlines()[0]
     assert lenient.endswith("[titles matched lenient+fuzzy<=3: some invented titles count as real]")
 
 
 def test_records_csv_json_and_charts(tmp_path):
     rows = ROWS + [("partial", {"+c": {"HR@K": est(0.3, 5), "NDCG@K": est(0.2, 5)}})]  # no TCP measured
-    recs = T.records(T.TABLES[1], rows)
+    recs = T.records(TABLE["table3"], rows)
     assert [r["model"] for r in recs] == ["base", "ours", "partial"]
     assert recs[1]["+C TCP@10 (%) ↑"] == est(93.5, 18) and recs[1]["+C TCP@10 (%) ↑ (no control)"] == est(7.75, 18)
     assert recs[2]["+C TCP@10 (%) ↑"] is None and recs[2]["-C HR@10"] is None
     partial = "| partial | **0.300** [0.300, 0.300] n=5 | **0.200** [0.200, 0.200] n=5 | – | – | – | – |"
-    assert partial in T.markdown(T.TABLES[1], rows)
+    assert partial in T.markdown(TABLE["table3"], rows)
     written = T.write_tables(rows, tmp_path, title_match="lenient")
     assert set(written) == {"table2", "table3"}  # tables without any row are left out
     assert [p.name for p in written["table3"]] == ["table3.csv", "table3.png"]
@@ -186,6 +188,15 @@ def test_records_csv_json_and_charts(tmp_path):
     md = (tmp_path / "tables.md").read_text(encoding="utf-8")
     assert md.startswith("Each figure: mean [95 % bootstrap interval") and "titles matched lenient." in md
     assert "### Table 2" in md and "### Table 3" in md and "Table 4" not in md
+
+
+def test_formatting_of_the_i0_answers_has_its_own_table_beside_table_5():
+    rows = [("ours", {"seqrec": {"CorrectCount": est(87.5, 8), "RepeatItem@K": est(12.5, 8), "NonExist@K": est(25.0, 8),
+                                 "InHistory@K": est(0.0, 8)}})]
+    lines = T.markdown(TABLE["format_i0"], rows).splitlines()
+    assert lines[2] == "| Model | CorrectCount (%) ↑ | RepeatItem@K (%) ↓ | NonExist@K (%) ↓ | InHistory@K (%) ↓ |"
+    assert lines[4].startswith("| ours | 87.5 [87.5, 87.5] n=8 | 12.5 [12.5, 12.5] n=8 | 25.0 ")
+    assert T.records(TABLE["table5"], rows) == []  # Table 5 is the item-count task's
 
 
 # ---- the generation loop on a tiny random model ------------------------------------------------------

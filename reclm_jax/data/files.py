@@ -208,7 +208,7 @@ def _catalogue(table: Table, cfg: DataConfig, cols: dict[str, str], data: pa.Tab
                         f"{uncategorised[0][1]!r}); the method needs categories: name another column with "
                         "--columns categories=COLUMN")
     for what, found in ((f"have no title in {tcol!r}; they and their interactions are left out", untitled),
-                        (f"repeat an item id of an earlier row (the first row is kept)", repeated),
+                        ("repeat an item id of an earlier row (the first row is kept)", repeated),
                         (f"have no category in {ccol!r} (kept; they belong to no category)", uncategorised)):
         if found:
             notes.append(f"{name}: {len(found)} items {what}, e.g. row {found[0][0]} (item {found[0][1]!r})")

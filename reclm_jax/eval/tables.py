@@ -1,4 +1,5 @@
-"""The paper's result tables (2, 3, 4, 5 and 7) from per-model task metrics, as Markdown, CSV, JSON and PNG.
+"""The paper's result tables (2, 3, 4, 5 and 7), and Table 5's formatting metrics on the I0 answers, from
+per-model task metrics, as Markdown, CSV, JSON and PNG.
 
 Input: rows in order, each (model name, {task: {metric: estimate}}) as `eval.evaluate.score_answers` (or
 `teacher_metrics`) returns them, an estimate being {"mean", "lo", "hi", "n"} (`eval.metrics.estimate`).
@@ -58,6 +59,13 @@ def _accuracy(group: str, task: str, k: str = "10") -> tuple[Column, Column]:
     return (Column(group, task, "HR@K", f"HR@{k}", True), Column(group, task, "NDCG@K", f"NDCG@{k}", True))
 
 
+def _formatting(task: str) -> tuple[Column, ...]:
+    return (Column("", task, "CorrectCount", "CorrectCount (%) ↑", True, percent=True),
+            Column("", task, "RepeatItem@K", "RepeatItem@K (%) ↓", False, percent=True),
+            Column("", task, "NonExist@K", "NonExist@K (%) ↓", False, percent=True),
+            Column("", task, "InHistory@K", "InHistory@K (%) ↓", False, percent=True))
+
+
 def _control(group: str, task: str, metric: str, header: str, higher: bool) -> Column:
     arrow = "↑" if higher else "↓"
     return Column(group, task, metric, f"{header} (%) {arrow}", higher, percent=True, no_control=True)
@@ -68,6 +76,9 @@ TABLES: tuple[Table, ...] = (
         *_accuracy("", "seqrec"),
         Column("", "seqrec", "HR@5", "HR@5", True), Column("", "seqrec", "NDCG@5", "NDCG@5", True),
     )),
+    # Not one of the paper's tables: Table 5's formatting metrics on the I0 answers, for runs that leave
+    # out the item-count task (the demo).
+    Table("format_i0", "Formatting quality of the I0 answers (k = 10; Table 5's metrics)", _formatting("seqrec")),
     Table("table3", "Table 3: category control (I1); in parentheses: the same model without the control text", (
         *_accuracy("+C", "+c"), _control("+C", "+c", "TCP@K", "TCP@10", True),
         *_accuracy("-C", "-c"), _control("-C", "-c", "TCP@K", "TCP@10", False),
@@ -79,11 +90,7 @@ TABLES: tuple[Table, ...] = (
         *_accuracy("CP>=30%", ">=30%"), _control("CP>=30%", ">=30%", "CPA", "CPA", True),
     ), chart=True),
     Table("table5", "Table 5: formatting quality (k in 11..15) and precision", (
-        Column("", "item_count", "CorrectCount", "CorrectCount (%) ↑", True, percent=True),
-        Column("", "item_count", "RepeatItem@K", "RepeatItem@K (%) ↓", False, percent=True),
-        Column("", "item_count", "NonExist@K", "NonExist@K (%) ↓", False, percent=True),
-        Column("", "item_count", "InHistory@K", "InHistory@K (%) ↓", False, percent=True),
-        *_accuracy("", "item_count", "K"),
+        *_formatting("item_count"), *_accuracy("", "item_count", "K"),
     )),
     Table("table7", "Table 7: combinatorial controls; in parentheses: the same model without the control text", (
         Column("+C1 & -C2", "+c1&-c2", "HR@K", "HR@10", True),
