@@ -129,11 +129,8 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
 
 
 def epoch_steps(samples_per_epoch: int, cfg: SFTConfig) -> int:
-    """The optimiser steps in tasks.num_epochs epochs (each process reads its equal shard of every epoch;
-    batches run across epoch boundaries)."""
-    procs = jax.process_count()
-    shard = samples_per_epoch // procs
-    return cfg.tasks.num_epochs * shard // (cfg.train.global_batch // procs)
+    """The optimiser steps in tasks.num_epochs epochs (batches run across epoch boundaries)."""
+    return cfg.tasks.num_epochs * samples_per_epoch // cfg.train.global_batch
 
 
 def batch_sizes(cfg: SFTConfig) -> tuple[int, int]:
