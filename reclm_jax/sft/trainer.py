@@ -174,9 +174,9 @@ def warn_about_cuts(samples: list[Sample], policy: ChatPolicy, tasks_cfg: TaskCo
 def run(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Result:
     """Build everything from `cfg` and train (or resume) in cfg.out_dir; the adapter goes to <out_dir>/adapter.
     The run directory and the inputs are checked before anything is loaded or created."""
+    sharding.initialize_distributed(cfg.mesh)  # before anything asks JAX for its devices or processes
     run_dir = RunDir(cfg.out_dir, cfg, resume=resume, may_change=MAY_CHANGE)
     check_inputs(cfg)
-    sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.make_mesh(cfg.mesh)
     per_process, accum = batch_sizes(cfg)
     tasks_cfg = replace(cfg.tasks, batch_size=per_process)
