@@ -9,7 +9,7 @@ from tasks_helpers import LLAMA2, tiny_dataset, tiny_teacher, tiny_tokenizer
 
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.llm.chat import ChatPolicy
-from reclm_jax.tasks.batches import EpochSamples, bucket_length, collate, sft_batches
+from reclm_jax.tasks.batches import bucket_length, collate, sft_batches
 from reclm_jax.tasks.encode import cut_shares, display_titles, encode_samples
 from reclm_jax.tasks.samples import Sample, TaskContext
 from reclm_jax.tasks.sharegpt import read_sharegpt
@@ -88,7 +88,7 @@ def test_cut_shares_count_the_samples_encode_cuts(ctx, tokenizer):
 def test_collate_pads_to_the_smallest_fitting_bucket():
     rows = [{"tokens": np.arange(1, 4, dtype=np.int32), "loss_mask": np.array([0, 1, 1], bool)},
             {"tokens": np.arange(1, 6, dtype=np.int32), "loss_mask": np.array([0, 0, 0, 1, 1], bool)}]
-    b = collate(rows, (4, 8, 16), pad_id=0)
+    b = collate(rows, bucket_length(5, (4, 8, 16)), pad_id=0)
     assert b["tokens"].shape == (2, 8)
     np.testing.assert_array_equal(b["tokens"][0], [1, 2, 3, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(b["positions"][1], [0, 1, 2, 3, 4, 0, 0, 0])
@@ -100,8 +100,8 @@ def test_collate_pads_to_the_smallest_fitting_bucket():
 
 
 def make_batches(ctx, tokenizer, shard=(0, 1), **cfg):
-    cfg = TaskConfig(task_set="v1", sharegpt_ratio=0, batch_size=4, num_epochs=2, max_length=256,
-                     max_response_tokens=128, buckets=(64, 128, 256), **cfg)
+    cfg = TaskConfig(**{"task_set": "v1", "sharegpt_ratio": 0, "batch_size": 4, "num_epochs": 2, "max_length": 256,
+                        "max_response_tokens": 128, "buckets": (64, 128, 256), **cfg})
     return sft_batches(lambda e: training_samples(ctx, e), ChatPolicy.of(tokenizer), cfg, *shard)
 
 
@@ -142,14 +142,19 @@ def test_pipeline_resumes_from_its_state(ctx, tokenizer):
     assert_same(first + rest, as_list(make_batches(ctx, tokenizer)))
 
 
-def test_shards_split_each_epoch_evenly_and_disjointly(ctx):
-    build = lambda e: training_samples(ctx, e)  # noqa: E731
-    full = build(0)
-    shards = [EpochSamples(build, 1, i, 3).shard(0) for i in range(3)]
-    assert len({len(s) for s in shards}) == 1 and sum(map(len, shards)) == len(full) // 3 * 3
-    assert [s for trio in zip(*shards) for s in trio] == full[: len(full) // 3 * 3]
+def test_process_shards_side_by_side_are_the_single_process_batches(ctx, tokenizer):
+    """Each of 3 processes reads its rows of every global batch, padded to the global batch's bucket (their
+    batches must form one global array), and together they read exactly what one process with 3x the batch
+    size reads."""
+    buckets = tuple(range(64, 1025, 64))
+    shards = [as_list(make_batches(ctx, tokenizer, shard=(i, 3), max_length=1024, buckets=buckets)) for i in range(3)]
+    whole = as_list(make_batches(ctx, tokenizer, batch_size=12, max_length=1024, buckets=buckets))
+    assert len(whole) > 2 and all(len(s) == len(whole) for s in shards)
+    glued = [{k: np.concatenate([s[i][k] for s in shards]) for k in whole[i]} for i in range(len(whole))]
+    assert_same(glued, whole)
+    assert len({b["tokens"].shape[1] for b in whole}) > 1  # the buckets vary between batches, not between shards
     with pytest.raises(ValueError, match="shard_index"):
-        EpochSamples(build, 1, 3, 3)
+        make_batches(ctx, tokenizer, shard=(3, 3))
 
 
 @pytest.mark.network

@@ -129,11 +129,8 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
 
 
 def epoch_steps(samples_per_epoch: int, cfg: SFTConfig) -> int:
-    """The optimiser steps in tasks.num_epochs epochs (each process reads its equal shard of every epoch;
-    batches run across epoch boundaries)."""
-    procs = jax.process_count()
-    shard = samples_per_epoch // procs
-    return cfg.tasks.num_epochs * shard // (cfg.train.global_batch // procs)
+    """The optimiser steps in tasks.num_epochs epochs (batches run across epoch boundaries)."""
+    return cfg.tasks.num_epochs * samples_per_epoch // cfg.train.global_batch
 
 
 def batch_sizes(cfg: SFTConfig) -> tuple[int, int]:
@@ -177,9 +174,9 @@ def warn_about_cuts(samples: list[Sample], policy: ChatPolicy, tasks_cfg: TaskCo
 def run(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Result:
     """Build everything from `cfg` and train (or resume) in cfg.out_dir; the adapter goes to <out_dir>/adapter.
     The run directory and the inputs are checked before anything is loaded or created."""
+    sharding.initialize_distributed(cfg.mesh)  # before anything asks JAX for its devices or processes
     run_dir = RunDir(cfg.out_dir, cfg, resume=resume, may_change=MAY_CHANGE)
     check_inputs(cfg)
-    sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.make_mesh(cfg.mesh)
     per_process, accum = batch_sizes(cfg)
     tasks_cfg = replace(cfg.tasks, batch_size=per_process)

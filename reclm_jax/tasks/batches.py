@@ -1,13 +1,14 @@
 """The SL input pipeline (grain): samples regenerated each epoch -> tokens -> padded, bucketed batches.
 
-- Deterministic: epoch e's samples depend only on (seed, e) (the teacher is deterministic), and each
-  process reads its shard of them in order.
-- Sharded: process p of P takes samples p, p + P, ... of each epoch, cut to a multiple of P, so every
-  process yields the same number of batches.
-- Checkpointable: the iterator's state is {"epoch", "position"} within this process's shard (plus what
-  grain's batching keeps); `get_state()` / `set_state()` resume exactly, rebuilding that epoch's samples.
-- Bucketed: a batch is padded on the right to the smallest of cfg.buckets that holds its longest
-  sample, so the training step compiles for a few shapes only.
+- Deterministic: epoch e's samples depend only on (seed, e) (the teacher is deterministic), read in order.
+- Sharded: global batch i is samples [i*G, (i+1)*G) of the stream (G = cfg.batch_size * P processes);
+  process p takes its rows [p*B, (p+1)*B), so the P processes' batches put side by side are exactly the
+  batch a single process with batch size G reads, and every process yields the same number of batches.
+- Checkpointable: the iterator's state is {"epoch", "position"} in the stream (plus what grain's batching
+  keeps); `get_state()` / `set_state()` resume exactly, rebuilding that epoch's samples.
+- Bucketed: a batch is padded on the right to the smallest of cfg.buckets that holds the longest sample of
+  the whole global batch, so every process pads to the same length (their arrays form one global batch)
+  and the training step compiles for a few shapes only.
 
 A batch is a dict of numpy arrays [batch_size, bucket]:
   tokens     int32  token ids (padding: the `ChatPolicy`'s pad id)
@@ -38,17 +39,17 @@ class _EpochIterator(grain.DatasetIterator):
         super().__init__()
         self._source = source
         self._epoch, self._position = 0, 0
-        self._shard: list[Sample] | None = None
+        self._samples: list[Sample] | None = None
 
     def __next__(self) -> Sample:
         src = self._source
         while self._epoch < src.num_epochs:
-            if self._shard is None:
-                self._shard = src.shard(self._epoch)
-            if self._position < len(self._shard):
+            if self._samples is None:
+                self._samples = src.build_epoch(self._epoch)
+            if self._position < len(self._samples):
                 self._position += 1
-                return self._shard[self._position - 1]
-            self._epoch, self._position, self._shard = self._epoch + 1, 0, None
+                return self._samples[self._position - 1]
+            self._epoch, self._position, self._samples = self._epoch + 1, 0, None
         raise StopIteration
 
     def get_state(self) -> dict[str, Any]:
@@ -56,24 +57,15 @@ class _EpochIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
-        self._shard = None
+        self._samples = None
 
 
 class EpochSamples(grain.IterDataset):
-    """The stream of samples of epochs 0..num_epochs-1, as this process's shard."""
+    """The stream of samples of epochs 0..num_epochs-1."""
 
-    def __init__(self, build_epoch: Callable[[int], list[Sample]], num_epochs: int, shard_index: int = 0,
-                 shard_count: int = 1):
+    def __init__(self, build_epoch: Callable[[int], list[Sample]], num_epochs: int):
         super().__init__()
-        if not 0 <= shard_index < shard_count:
-            raise ValueError(f"shard_index {shard_index} is not in 0..{shard_count - 1}")
         self.build_epoch, self.num_epochs = build_epoch, num_epochs
-        self.shard_index, self.shard_count = shard_index, shard_count
-
-    def shard(self, epoch: int) -> list[Sample]:
-        samples = self.build_epoch(epoch)
-        usable = len(samples) // self.shard_count * self.shard_count
-        return samples[self.shard_index:usable:self.shard_count]
 
     def __iter__(self) -> _EpochIterator:
         return _EpochIterator(self)
@@ -87,9 +79,8 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"a sample of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
-def collate(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad encoded samples to one bucket length."""
-    length = bucket_length(max(len(r["tokens"]) for r in rows), buckets)
+def collate(rows: Sequence[dict[str, np.ndarray]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad encoded samples to `length` tokens (at least the longest's)."""
     b = len(rows)
     out = {
         "tokens": np.full((b, length), pad_id, np.int32),
@@ -108,16 +99,21 @@ def collate(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], pad_i
 
 def sft_batches(build_epoch: Callable[[int], list[Sample]], policy: ChatPolicy, cfg: TaskConfig,
                 shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
-    """Batches of cfg.batch_size samples per process (an incomplete last batch is dropped), tokenised a
-    batch at a time and prepared cfg.prefetch batches ahead in a thread. Shards default to
+    """This process's batches of cfg.batch_size samples (an incomplete last global batch is dropped), tokenised
+    a batch at a time and prepared cfg.prefetch batches ahead in a thread. Shards default to
     jax.process_index() / jax.process_count()."""
     if shard_index is None or shard_count is None:
         shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in 0..{shard_count - 1}")
+    mine = slice(shard_index * cfg.batch_size, (shard_index + 1) * cfg.batch_size)
 
     def encode_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
+        # Every process encodes the whole global batch: its longest sample sets the one bucket all pad to.
         rows = encode_samples(list(samples), policy, cfg.max_length, cfg.max_response_tokens)
-        return collate(rows, cfg.buckets, policy.pad_id)
+        length = bucket_length(max(len(r["tokens"]) for r in rows), cfg.buckets)
+        return collate(rows[mine], length, policy.pad_id)
 
-    ds = EpochSamples(build_epoch, cfg.num_epochs, shard_index, shard_count).batch(
-        cfg.batch_size, drop_remainder=True, batch_fn=encode_batch)
+    ds = EpochSamples(build_epoch, cfg.num_epochs).batch(cfg.batch_size * shard_count, drop_remainder=True,
+                                                         batch_fn=encode_batch)
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch) if cfg.prefetch else ds
