@@ -27,7 +27,7 @@ from reclm_jax.rl.config import PPOConfig
 from reclm_jax.rl.trainer import run as run_ppo
 from reclm_jax.sft.config import SFTConfig
 from reclm_jax.sft.trainer import run as run_sft
-from reclm_jax.tasks.evaluation import TEST_TASKS
+from reclm_jax.tasks.evaluation import check_tasks
 from reclm_jax.teacher.config import TeacherConfig
 from reclm_jax.teacher.query import Teacher
 from reclm_jax.teacher.train import train_teacher
@@ -49,9 +49,7 @@ class EvalSection(Section):
     tasks: tuple[str, ...] = ()  # only these test tasks (names as in tasks.evaluation.TEST_TASKS); () = all
 
     def check(self) -> None:
-        unknown_tasks = [t for t in self.tasks if t not in TEST_TASKS]
-        if unknown_tasks:
-            raise ValueError(f"tasks: unknown test tasks {unknown_tasks}; tasks are {', '.join(TEST_TASKS)}")
+        check_tasks(self.tasks)
         unknown = [m for m in self.constrain if m not in CONSTRAIN_MODES[1:]]
         if unknown:
             raise ValueError(f"constrain: unknown modes {unknown}; modes are {', '.join(CONSTRAIN_MODES[1:])}")

@@ -20,6 +20,9 @@ def test_stage_configs_connect_the_stages():
     assert (cfg.eval.title_match, cfg.eval.bootstrap) == ("strict", 1000)  # strict titles, 1000 resamples
     with pytest.raises(config.ConfigError, match="title_match must be one of"):
         config.load(PipelineConfig, None, ["eval.title_match=loose"])
+    assert cfg.eval.tasks == ("seqrec", "+c", "-c")
+    with pytest.raises(config.ConfigError, match=r"unknown test tasks \['\+x'\]; tasks are seqrec, \+c, -c, <=20%"):
+        config.load(PipelineConfig, None, ["eval.tasks=[seqrec, +x]"])
     with pytest.raises(config.ConfigError, match="ppo.rollout.title_match must be one of|title_match must be one"):
         config.load(PipelineConfig, None, ["ppo.rollout.title_match=exact"])
 

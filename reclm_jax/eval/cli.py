@@ -21,7 +21,7 @@ from reclm_jax.llm.hf_io import FormatError
 from reclm_jax.llm.sampling import generate
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.encode import display_titles
-from reclm_jax.tasks.evaluation import TEST_TASKS
+from reclm_jax.tasks.evaluation import check_tasks
 from reclm_jax.tasks.samples import Sample
 from reclm_jax.tasks.templates import load_templates
 from reclm_jax.teacher.query import Teacher
@@ -60,9 +60,10 @@ def evaluate(args) -> int:
     if args.bootstrap < 1:
         raise UserError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
-    unknown = [t for t in tasks if t not in TEST_TASKS]
-    if unknown:
-        raise UserError(f"--tasks: unknown test tasks {unknown}; tasks are {', '.join(TEST_TASKS)}")
+    try:
+        check_tasks(tasks)
+    except ValueError as e:
+        raise UserError(f"--tasks: {e}") from None
     try:
         # Test tasks only: no SL data is built, so the ShareGPT mix (I4) plays no part.
         task_cfg = TaskConfig(seed=args.seed, test_users=args.limit, sharegpt_ratio=0.0)

@@ -31,8 +31,7 @@ def encode_samples(samples: list[Sample], policy: ChatPolicy, max_length: int,
     prompt from the left to fit max_length (the paper and the reference truncate prompts on the left)."""
     out = []
     for prompt, response in policy.conversation_ids([(s.messages, s.response) for s in samples]):
-        response = response[:max_response_tokens]
-        prompt = prompt[len(prompt) - min(len(prompt), max_length - len(response)):]
+        prompt, response = _fit(prompt, response, max_length, max_response_tokens)
         tokens = np.asarray(prompt + response, np.int32)
         mask = np.zeros(len(tokens), bool)
         mask[len(prompt):] = True
@@ -46,6 +45,14 @@ def cut_shares(samples: list[Sample], policy: ChatPolicy, max_length: int,
     and stop token are then never learnt; prompt + response longer than max_length, whose prompt loses its
     oldest tokens)."""
     pairs = policy.conversation_ids([(s.messages, s.response) for s in samples])
-    long_response = sum(len(r) > max_response_tokens for _, r in pairs)
-    too_long = sum(len(p) + min(len(r), max_response_tokens) > max_length for p, r in pairs)
+    fitted = [_fit(p, r, max_length, max_response_tokens) for p, r in pairs]
+    long_response = sum(len(fr) < len(r) for (_, r), (_, fr) in zip(pairs, fitted))
+    too_long = sum(len(fp) < len(p) for (p, _), (fp, _) in zip(pairs, fitted))
     return long_response / max(len(pairs), 1), too_long / max(len(pairs), 1)
+
+
+def _fit(prompt: list[int], response: list[int], max_length: int,
+         max_response_tokens: int) -> tuple[list[int], list[int]]:
+    """The response cut to max_response_tokens, then the prompt from the left to fit max_length."""
+    response = response[:max_response_tokens]
+    return prompt[len(prompt) - min(len(prompt), max_length - len(response)):], response

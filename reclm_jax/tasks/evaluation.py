@@ -14,6 +14,7 @@ say so in `EvalSet.skipped`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,14 @@ def _categories(ctx: TaskContext, examples: list[Example], rng) -> tuple[list, l
     return pos, neg, neg2
 
 
+def check_tasks(names: Sequence[str], split: str = "test") -> None:
+    """Raise ValueError naming the unknown task names of `split` and listing the known ones."""
+    table = VALID_TASKS if split == "valid" else TEST_TASKS
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown {split} tasks {unknown}; tasks are {', '.join(table)}")
+
+
 def build_eval_set(ctx: TaskContext, split: str, only: tuple[str, ...] | None = None) -> EvalSet:
     """The valid (VALID_TASKS: I0, +C, -C, ~50 %) or test (TEST_TASKS) samples, or just the tasks named in
     `only`; prompts only, generate form."""
@@ -77,9 +86,7 @@ def build_eval_set(ctx: TaskContext, split: str, only: tuple[str, ...] | None = 
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     cfg = ctx.cfg
     table = VALID_TASKS if split == "valid" else TEST_TASKS
-    unknown = set(only or ()) - set(table)
-    if unknown:
-        raise ValueError(f"unknown {split} tasks {sorted(unknown)}; known: {', '.join(table)}")
+    check_tasks(only or (), split)
     count = cfg.valid_users if split == "valid" else cfg.test_users
     users = eval_users(ctx.dataset.num_users, count, cfg.seed, split)
     examples = [split_example(ctx.dataset, int(u), split, cfg.max_history) for u in users]
