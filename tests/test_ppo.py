@@ -92,13 +92,18 @@ def erf_gelu(x):
     return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
-def response_view(cfg_lora, base, params, batch, adapter):
+@functools.partial(jax.jit, static_argnums=0)
+def full_forward(lora_cfg, base, tokens, mask, adapter):
+    logits, hidden, _ = model.forward(base, MODEL, tokens, model.positions_from_mask(mask), attention_mask=mask,
+                                      lora=adapter, lora_cfg=lora_cfg)
+    logprobs, _ = token_logprobs(base, MODEL, tokens, mask, lora=adapter, lora_cfg=lora_cfg)
+    return logits, hidden, logprobs
+
+
+def response_view(cfg_lora, base, batch, adapter):
     """(logits, hidden) [N, R, ...] predicting the response tokens, via `reference_logprobs.token_logprobs`."""
     r = batch["response_mask"].shape[1]
-    mask = jnp.asarray(batch["attention_mask"])
-    logits, hidden, _ = model.forward(base, MODEL, jnp.asarray(batch["tokens"]), model.positions_from_mask(mask),
-                                      attention_mask=mask, lora=adapter, lora_cfg=cfg_lora)
-    logprobs, _ = token_logprobs(base, MODEL, jnp.asarray(batch["tokens"]), mask, lora=adapter, lora_cfg=cfg_lora)
+    logits, hidden, logprobs = full_forward(cfg_lora, base, batch["tokens"], batch["attention_mask"], adapter)
     return np.asarray(logits)[:, -r - 1:-1], np.asarray(hidden)[:, -r - 1:-1], np.asarray(logprobs)[:, -r:]
 
 
@@ -113,8 +118,8 @@ def test_minibatch_loss_matches_hand_computation(case):
     loss_fn = jax.jit(update.minibatch_loss, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper"))
     loss, stats = loss_fn(state.params, base, mb, jax.random.key(0), model_cfg=MODEL,
                           actor_cfg=cfg.actor_lora, critic_cfg=cfg.critic_lora, hyper=cfg.ppo)
-    logits, _, logprobs = response_view(cfg.actor_lora, base, state.params, batch, state.params["actor"])
-    _, hidden, _ = response_view(cfg.critic_lora, base, state.params, batch,
+    logits, _, logprobs = response_view(cfg.actor_lora, base, batch, state.params["actor"])
+    _, hidden, _ = response_view(cfg.critic_lora, base, batch,
                                  state.params["critic"]["lora"])
     head = jax.tree.map(np.asarray, state.params["critic"]["head"])
     values = (erf_gelu(hidden @ head["w1"] + head["b1"]) @ head["w2"] + head["b2"])[..., 0]
@@ -181,7 +186,7 @@ def test_update_trains_actor_critic_and_head(case, single_device_result):
     # the reference is the base itself, which the update never changes or donates
     scored = update.score_batch(base, after.params, batch, model_cfg=MODEL, actor_cfg=cfg.actor_lora,
                                 critic_cfg=cfg.critic_lora, chunks=2, policy=False)
-    logprobs, _ = token_logprobs(base, MODEL, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
+    logprobs = policy_logprobs(cfg.actor_lora, base, None, batch["tokens"], batch["attention_mask"])
     np.testing.assert_allclose(np.asarray(scored["ref"]), np.asarray(logprobs)[:, -8:], rtol=1e-5, atol=1e-5)
 
 
@@ -222,7 +227,8 @@ print(json.dumps({{k: float(v) for k, v in metrics.items()}}))
 def test_update_on_8_device_mesh_equals_single_device(single_device_result, tmp_path):
     _, after, metrics = single_device_result
     out = tmp_path / "params.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
     script = SHARDED_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

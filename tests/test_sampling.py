@@ -83,10 +83,11 @@ def test_sample_token_distributions_by_hand():
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = jnp.asarray(np.log(np.tile(probs, (20000, 1))), jnp.float32)
     key = jax.random.key(0)
+    sample_token = jax.jit(sampling.sample_token, static_argnums=5)
 
     def draw(temperature=1.0, k=0, p=1.0):
         mode = sampling.SamplingMode(greedy=False, top_k=k > 0, top_p=p < 1.0)
-        tokens, raw = sampling.sample_token(logits, key, jnp.float32(temperature), jnp.int32(k),
+        tokens, raw = sample_token(logits, key, jnp.float32(temperature), jnp.int32(k),
                                                  jnp.float32(p), mode)
         tokens = np.asarray(tokens)
         np.testing.assert_allclose(np.asarray(raw), np.log(probs[tokens]), rtol=1e-5)

@@ -28,6 +28,9 @@ from reclm_jax.tasks.samples import Sample
 from reclm_jax.training import optim
 from reference_logprobs import token_logprobs
 
+token_logprobs = jax.jit(token_logprobs, static_argnames=("cfg", "lora_cfg"))
+batch_loss = jax.jit(step_lib.batch_loss, static_argnames=("cfg", "lora_cfg", "response_len"))
+
 CFG = PRESETS["tiny"]
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=LORA_TARGETS)  # lm_head too: a 0.02-init base caps logits
 B, T, ACCUM, TOTAL = 4, 16, 2, 12
@@ -59,7 +62,7 @@ def test_batch_loss_equals_the_loss_over_all_positions():
     mask = batch["loss_mask"][:, 1:].astype(np.float32)
     expected = np.mean(-(logprobs * mask).sum(-1) / mask.sum(-1))
     for size in (T, int(mask.sum(-1).max())):
-        got = step_lib.batch_loss(lora, params, batch, None, cfg=CFG, lora_cfg=LORA, response_len=size)
+        got = batch_loss(lora, params, batch, None, cfg=CFG, lora_cfg=LORA, response_len=size)
         np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -177,7 +180,7 @@ def test_non_finite_step_leaves_the_state_unchanged():
 
 SHARDED_STEP = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import sys
     from dataclasses import replace
@@ -214,8 +217,7 @@ SHARDED_STEP = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_step_on_8_devices_equals_single_device_step():
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}  # with the session's compilation cache (conftest)
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}  # with the session's compilation cache (conftest) and XLA flags
     proc = subprocess.run([sys.executable, "-c", SHARDED_STEP], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
