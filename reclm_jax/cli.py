@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from reclm_jax.accelerators import ACCELERATORS
@@ -68,10 +70,30 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args) or 0
     except UserError as e:
         print(f"reclm-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _leave(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return _leave(130)
+    except Exception:
+        if not _multi_process():
+            raise
+        traceback.print_exc()
+        return _leave(1)
+
+
+def _multi_process() -> bool:
+    jax = sys.modules.get("jax")  # not imported: not a multi-process run
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def _leave(status: int) -> int:
+    """The exit status; a process of a multi-process run that fails leaves at once instead: JAX's exit handler
+    would wait for its peers, which wait for it in their next collective. They stop when its heartbeats do."""
+    if _multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 # ---- the commands, in pipeline order -------------------------------------------------------------------

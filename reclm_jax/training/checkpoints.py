@@ -168,6 +168,9 @@ class Checkpointer:
 
 
 def abstract(tree: Any) -> Any:
-    """Shape/dtype/sharding stand-ins for a pytree of arrays (what `restore` needs)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+    """Shape/dtype/sharding stand-ins for a pytree of arrays (what `restore` needs). A leaf without a sharding
+    (from `jax.eval_shape`) is restored whole onto this process's first device: left to orbax, it would go to
+    the device it was saved from, which in a multi-process run belongs to one process only."""
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local),
                         tree)

@@ -70,7 +70,10 @@ class RunDir:
             new = _flatten(config_lib.to_dict(cfg))
             # A key added since the run was recorded is the same setting as long as it keeps its default.
             default = _flatten(config_lib.to_dict(type(cfg)()))
-            may_change = ("out_dir", *may_change)  # a run directory may be moved or copied
+            # A run directory may be moved or copied, and a multi-process run is restarted on new ports, with
+            # process 0's own process_id recorded: none of these changes what the run computes.
+            may_change = ("out_dir", "mesh.coordinator_address", "mesh.process_id", "mesh.heartbeat_timeout_s",
+                          *may_change)
 
             def change(k: str) -> str | None:  # how k changed, None if it did not
                 if k not in old:
