@@ -186,7 +186,7 @@ def _finish(programs: list[Program], model_cfg: Any, source: str, mesh_note: str
 
 def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], list[str]]:
     model_cfg, source = model_config(cfg.model, model_override)
-    mesh = data_mesh(cfg.train.data_parallel)
+    mesh = data_mesh(cfg.mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
     base = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg))
     state = jax.eval_shape(lambda b: init_state(jax.random.key(0), b, model_cfg, cfg), base)
@@ -215,7 +215,7 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
         sampling.SamplingMode(greedy=False, top_k=r.top_k > 0, top_p=r.top_p < 1.0),
         "rollout.prompts_per_step, rollout.max_new_tokens")
     return _finish(programs, model_cfg, source,
-                   f"mesh: data = {mesh.size} (train.data_parallel): base and adapters replicated, rollout rows, "
+                   f"mesh: data = {mesh.size} (mesh.data): base and adapters replicated, rollout rows, "
                    "sampler cache and update minibatches split over the devices")
 
 

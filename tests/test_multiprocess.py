@@ -1,7 +1,10 @@
 """Two processes on localhost as two hosts (`jax.distributed.initialize`, gloo CPU collectives, one CPU device
-each): `reclm-jax sft` on a tiny model over real ML-100k, each process reading its own rows of every batch,
-gives the losses of one process driving two devices; kill -9 of one process stops the other within the
-heartbeat timeout, and starting both again resumes from the newest checkpoint to the same losses."""
+each), on a tiny model over real ML-100k, against one process driving two devices:
+- `reclm-jax sft`, each process reading its own rows of every batch, gives the same losses; kill -9 of one
+  process stops the other within the heartbeat timeout, and starting both again resumes from the newest
+  checkpoint to the same losses;
+- `reclm-jax ppo`, each process sampling its own rows of the rollout and updating on them, gives the same
+  rewards, losses and KL."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from reclm_jax import assets
 ROOT = Path(__file__).parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 STEPS = 6
+PPO_STEPS = 2
 HEARTBEAT_S = 10
 
 
@@ -58,19 +62,31 @@ def sft_args(out: Path, teacher: Path) -> list[str]:
             "checkpoint.async_save=false", "optim.lr=1e-2"]
 
 
-def start_pair(out: Path, teacher: Path, port: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen(cli(*sft_args(out, teacher), "mesh.multi_host=true",
+def ppo_args(out: Path, teacher: Path) -> list[str]:
+    gguf = assets.fetch("tiny-llama-vocab") / "tiny.gguf"
+    return ["ppo", "--quiet", f"out_dir={out}", f"teacher={teacher}", "data.name=ml-100k", f"model.base={gguf}",
+            f"model.tokenizer={gguf}", f"train.steps={PPO_STEPS}", "rollout.prompts_per_step=4",
+            "rollout.max_new_tokens=24", "rollout.max_prompt_tokens=192", "ppo.minibatches=2",
+            "checkpoint.async_save=false", "optim.lr=1e-3"]
+
+
+def start_pair(args: list[str], port: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen(cli(*args, "mesh.multi_host=true",
                                  f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
                                  f"mesh.process_id={i}", f"mesh.heartbeat_timeout_s={HEARTBEAT_S}"),
                              cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(2)]
 
 
-def losses(out: Path) -> dict[int, float]:
+def logged(out: Path, key: str) -> dict[int, float]:
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "loss" in r]
+    steps = [r["step"] for r in records if key in r]
     assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def losses(out: Path) -> dict[int, float]:
+    return logged(out, "loss")
 
 
 def checkpoints(out: Path) -> list[int]:
@@ -85,7 +101,7 @@ def test_two_processes_train_like_one_and_resume_after_kill_9(teacher, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     pair_dir = tmp_path / "pair"
-    pair = start_pair(pair_dir, teacher, free_port())
+    pair = start_pair(sft_args(pair_dir, teacher), free_port())
     deadline = time.monotonic() + 600
     while not checkpoints(pair_dir) or checkpoints(pair_dir)[-1] < 2:  # two steps on disk, then kill one host
         assert time.monotonic() < deadline and all(p.poll() is None for p in pair), \
@@ -97,10 +113,25 @@ def test_two_processes_train_like_one_and_resume_after_kill_9(teacher, tmp_path)
     pair[1].wait()
     assert checkpoints(pair_dir)[-1] < STEPS
 
-    pair = start_pair(pair_dir, teacher, free_port())  # both started again: resume
+    pair = start_pair(sft_args(pair_dir, teacher), free_port())  # both started again: resume
     outs = [p.communicate(timeout=600)[0] for p in pair]
     assert [p.returncode for p in pair] == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert "resumed from step" in outs[0]
     assert sorted(losses(pair_dir)) == list(range(1, STEPS + 1))
     assert losses(pair_dir) == pytest.approx(losses(single), rel=5e-4)
     assert (pair_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_two_processes_run_ppo_like_one(teacher, tmp_path):
+    single = tmp_path / "single"
+    proc = subprocess.run(cli(*ppo_args(single, teacher)), cwd=ROOT, env=env(2), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pair_dir = tmp_path / "pair"
+    pair = start_pair(ppo_args(pair_dir, teacher), free_port())
+    outs = [p.communicate(timeout=600)[0] for p in pair]
+    assert [p.returncode for p in pair] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    for key in ("reward", "r_list", "format/NonExist@K", "loss", "pg_loss", "vf_loss", "kl", "entropy", "grad_norm"):
+        assert sorted(logged(pair_dir, key)) == list(range(1, PPO_STEPS + 1)), key
+        assert logged(pair_dir, key) == pytest.approx(logged(single, key), rel=1e-4, abs=1e-6), key
+    assert (pair_dir / "actor" / "adapter_model.safetensors").is_file()

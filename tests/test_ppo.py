@@ -209,10 +209,11 @@ import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, {tests!r})
 from test_ppo import make_case, run_update
+from reclm_jax.llm.sharding import MeshConfig
 from reclm_jax.rl.trainer import data_mesh
 assert jax.device_count() == 8, jax.devices()
 cfg, base, state, batch = make_case()
-mesh = data_mesh(8)
+mesh = data_mesh(MeshConfig(data=8))
 put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
 state, metrics = run_update(cfg, put(base, PartitionSpec()), put(state, PartitionSpec()),
                             put(batch, PartitionSpec("data")))
@@ -418,7 +419,7 @@ def test_presets_load_with_the_paper_coefficients(preset):
     assert (cfg.actor_lora.rank, cfg.actor_lora.alpha, cfg.critic_lora.rank, cfg.critic_lora.alpha) == (4, 2.0, 4, 2.0)
     assert (cfg.rollout.responses_per_prompt, cfg.rollout.temperature, cfg.prompts.k) == (2, 0.7, (6, 10))
     assert cfg.rewards.item_level and cfg.rewards.list_scale == 10.0
-    assert cfg.batch_size % (p.minibatches * (cfg.train.data_parallel or 1)) == 0
+    assert cfg.batch_size % (p.minibatches * max(cfg.mesh.data, 1)) == 0
 
 
 def test_config_errors_name_the_field():
@@ -426,3 +427,8 @@ def test_config_errors_name_the_field():
         config.load(PPOConfig, None, ["ppo.minibatches=3"])
     with pytest.raises(config.ConfigError, match="rollout.temperature"):
         config.load(PPOConfig, None, ["rollout.temperature=0"])
+    with pytest.raises(config.ConfigError, match="'train.data_parallel' is now 'mesh.data'"):
+        config.load(PPOConfig, None, ["train.data_parallel=2"])
+    with pytest.raises(config.ConfigError, match="mesh.fsdp and mesh.tensor must be 1 for PPO"):
+        config.load(PPOConfig, None, ["mesh.fsdp=2"])
+    assert config.load(PPOConfig, None, ["mesh.data=2"]).mesh.sizes == (2, 1, 1)

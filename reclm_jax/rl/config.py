@@ -17,6 +17,7 @@ from typing import Annotated, ClassVar, Literal
 from reclm_jax.config import Count, NonNegative, NonNegativeInt, Positive, Rule, Section
 from reclm_jax.data.config import DataConfig
 from reclm_jax.llm.config import LoraConfig
+from reclm_jax.llm.sharding import MeshConfig
 from reclm_jax.rl.rewards import RewardOptions
 from reclm_jax.sft.config import ModelConfig
 from reclm_jax.tasks.config import TaskConfig
@@ -89,7 +90,7 @@ class PPOHyper(Section):
 class TrainSection(Section):
     steps: Count = 1000  # PPO steps (one rollout batch and its update each)
     log_every: Count = 1
-    data_parallel: Count | None = None  # devices on the batch axis of the mesh (None: all devices)
+    MOVED: ClassVar = {"data_parallel": "mesh.data"}
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,13 @@ class PPOConfig(Section):
     prompts: PromptSection = field(default_factory=PromptSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
+    # The batch split over mesh.data devices (-1: all), base and adapters replicated on each; multi-host start-up
+    mesh: MeshConfig = field(default_factory=lambda: MeshConfig(data=-1, fsdp=1))
 
     def check(self) -> None:
+        if self.mesh.fsdp != 1 or self.mesh.tensor != 1:
+            raise ValueError(f"mesh.fsdp and mesh.tensor must be 1 for PPO (got {self.mesh.fsdp} and "
+                             f"{self.mesh.tensor}): it splits only the batch, over mesh.data")
         if self.optim.schedule != "constant":
             raise ValueError(f"optim.schedule must be 'constant' for PPO, got {self.optim.schedule!r}")
         batch = self.rollout.prompts_per_step * self.rollout.responses_per_prompt

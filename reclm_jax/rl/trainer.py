@@ -38,6 +38,7 @@ from reclm_jax.eval.parse import Catalogue
 from reclm_jax.llm import hf_io, lora as lora_lib
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig
+from reclm_jax.llm.sharding import MeshConfig, initialize_distributed
 from reclm_jax.rl import rollout
 from reclm_jax.rl.config import PPOConfig
 from reclm_jax.rl.update import init_state, ppo_update
@@ -62,14 +63,14 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
     return {"init": init, "steps": steps}
 
 
-def data_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first `num_devices` devices (all by default): the update's batch is split over
-    "data", the base and the train state are replicated (an RL step's adapters and batch are small; a 7B base
-    in bfloat16 fits each A100-40GB). Sampling and the update split the batch: each device works on its rows."""
+def data_mesh(cfg: MeshConfig) -> Mesh:
+    """A 1-D mesh over the first `cfg.data` devices (-1: all, of every process): the batch is split over "data",
+    the base and the train state are replicated (an RL step's adapters and batch are small; a 7B base in
+    bfloat16 fits each A100-40GB). Sampling and the update split the batch: each device works on its rows."""
     devices = jax.devices()
-    n = len(devices) if num_devices is None else num_devices
+    n = len(devices) if cfg.data == -1 else cfg.data
     if not 1 <= n <= len(devices):
-        raise ValueError(f"train.data_parallel={n} but {len(devices)} devices are available")
+        raise ValueError(f"mesh.data={n} but {len(devices)} devices are available")
     return Mesh(np.asarray(devices[:n]), ("data",))
 
 
@@ -80,7 +81,7 @@ class PPOTrainer:
                  policy: ChatPolicy, mesh: Mesh | None = None):
         self.cfg, self.model_cfg, self.scorer = cfg, model_cfg, scorer
         self.policy = policy
-        self.mesh = mesh or data_mesh(1)
+        self.mesh = mesh or data_mesh(MeshConfig(data=1))
         if cfg.batch_size % self.mesh.size:
             raise ValueError(f"{cfg.batch_size} sequences per step do not split over {self.mesh.size} devices")
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -189,7 +190,7 @@ def build(cfg: PPOConfig, teacher=None) -> tuple[PPOTrainer, PromptStream]:
     titles = display_titles(dataset.titles, policy, tasks_cfg.max_title_tokens)
     catalogue = Catalogue(titles, cfg.rollout.title_match, fuzzy=cfg.rollout.fuzzy_titles)
     scorer = rollout.Scorer(catalogue, teacher, dataset.category_matrix, policy.decode, cfg.rewards)
-    trainer = PPOTrainer(cfg, base, model_cfg, scorer, policy, data_mesh(cfg.train.data_parallel))
+    trainer = PPOTrainer(cfg, base, model_cfg, scorer, policy, data_mesh(cfg.mesh))
     stream = PromptStream(TaskContext(dataset, teacher, tasks_cfg, titles=titles), policy,
                           cfg.rollout.max_prompt_tokens, cfg.rollout.prompts_per_step)
     return trainer, stream
@@ -198,6 +199,7 @@ def build(cfg: PPOConfig, teacher=None) -> tuple[PPOTrainer, PromptStream]:
 def run(cfg: PPOConfig, *, resume: bool = True, progress: bool = True) -> Result:
     """Train with PPO for cfg.train.steps steps in the one loop (resuming the run in cfg.out_dir if it holds one);
     the actor adapter goes to <out_dir>/actor. The run directory and the inputs are checked first."""
+    initialize_distributed(cfg.mesh)  # before anything asks JAX for its devices or processes
     run_dir = RunDir(cfg.out_dir, cfg, resume=resume, may_change=MAY_CHANGE)
     check_inputs(cfg)
     trainer, stream = build(cfg)
