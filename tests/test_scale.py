@@ -112,7 +112,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     # minibatches) equal one device running the same 8-shard schedule
     from test_ppo import MODEL, make_case
     pcfg, base, state, batch = make_case(["rollout.prompts_per_step=16", "ppo.minibatches=2"])
-    mesh = data_mesh(8)
+    mesh = data_mesh(sharding.MeshConfig(data=8))
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
     kw = dict(model_cfg=MODEL, actor_cfg=pcfg.actor_lora, critic_cfg=pcfg.critic_lora, hyper=pcfg.ppo, optim=pcfg.optim,
               shards=8)
@@ -138,11 +138,29 @@ EIGHT_DEVICES = textwrap.dedent("""
     got = sampling.generate(put(base, P()), MODEL, rows, **kw)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+
+    # constrained sampling on the data mesh: the per-row automaton tables (and so the state) split like the rows
+    from reclm_jax.llm import automaton, constrain
+    from reclm_jax.llm.tokenizer import load_tokenizer, stop_token_ids
+    tok = load_tokenizer("smollm2-135m")
+    ccfg = dataclasses.replace(PRESETS["tiny"], vocab_size=len(tok))
+    cparams = model.init_params(jax.random.key(1), ccfg, std=0.3)
+    allowed = automaton.catalogue_automaton([f"Film {i}" for i in range(40)], tok).rows(
+        [3] * 16, [[i, i + 1] for i in range(16)])
+    kw = dict(max_new_tokens=40, eos_ids=stop_token_ids(tok), constraint=allowed)
+    ref = sampling.generate(cparams, ccfg, rows, **kw)
+    got = sampling.generate(put(cparams, P()), ccfg, rows, **kw)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    assert all(n > 0 for n in got.lengths)
+    tables = constrain.device_tables(allowed, 16, ccfg.vocab_size, mesh)
+    assert tables["base"].addressable_shards[0].data.shape == (2, allowed.base.shape[1])
+    assert tables["edge_token"].addressable_shards[0].data.shape == tables["edge_token"].shape
     print("EIGHT-OK")
 """)
 
 
 @pytest.mark.slow
+@pytest.mark.network  # the SmolLM2 tokenizer, for constrained sampling
 def test_on_8_devices_results_equal_one_device_and_each_device_does_an_eighth():
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",

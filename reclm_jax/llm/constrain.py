@@ -38,15 +38,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from reclm_jax.llm import sharding
 from reclm_jax.llm.automaton import END, RowConstraints
 
 # Phases of a row's automaton state.
 FIXED, TITLE = 0, 1
 
 
-def device_tables(rows: RowConstraints, batch: int, vocab_size: int) -> dict[str, jax.Array]:
-    """The loop's constant inputs for a batch padded to `batch` rows (fillers copy row 0)."""
+ROW_KEYS = ("k", "base", "share_in", "lo", "hi")  # the per-row tables; the rest is the automaton, shared by all rows
+
+
+def device_tables(rows: RowConstraints, batch: int, vocab_size: int, mesh: Mesh | None = None
+                  ) -> dict[str, jax.Array]:
+    """The loop's constant inputs for a batch padded to `batch` rows (fillers copy row 0). On a `mesh` the
+    per-row tables are split over its batch axes like the prompts, so each device keeps the automaton state of
+    its own rows only; the automaton itself is replicated."""
     a = rows.automaton
     pieces = a.pieces(int(rows.k.max()))
     width = max(len(p) for p in pieces)
@@ -57,15 +65,19 @@ def device_tables(rows: RowConstraints, batch: int, vocab_size: int) -> dict[str
     if max(too_big, int(a.edge_token.max(initial=0))) >= vocab_size:
         raise ValueError(f"the automaton's tokens exceed the model's vocabulary of {vocab_size}")
     pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch - len(x), axis=0)]) if batch > len(x) else x
-    return {
-        "node_lo": jnp.asarray(a.node_lo, jnp.int32), "node_hi": jnp.asarray(a.node_hi, jnp.int32),
-        "edge_start": jnp.asarray(a.edge_start, jnp.int32), "edge_token": jnp.asarray(a.edge_token, jnp.int32),
-        "edge_child": jnp.asarray(a.edge_child, jnp.int32), "degree": jnp.zeros((a.max_degree,), jnp.int8),
-        "fixed": jnp.asarray(fixed), "fixed_len": jnp.asarray([len(p) for p in pieces], jnp.int32),
-        "k": jnp.asarray(pad(rows.k)), "base": jnp.asarray(pad(rows.base)),
-        "share_in": jnp.asarray(pad(rows.share_in)), "lo": jnp.asarray(pad(rows.lo)),
-        "hi": jnp.asarray(pad(rows.hi)), "vocab": jnp.zeros((vocab_size,), jnp.int8),
+    tables = {
+        "node_lo": a.node_lo, "node_hi": a.node_hi, "edge_start": a.edge_start, "edge_token": a.edge_token,
+        "edge_child": a.edge_child, "degree": np.zeros((a.max_degree,), np.int8),
+        "fixed": fixed, "fixed_len": np.asarray([len(p) for p in pieces]),
+        "k": pad(rows.k), "base": pad(rows.base), "share_in": pad(rows.share_in), "lo": pad(rows.lo),
+        "hi": pad(rows.hi), "vocab": np.zeros((vocab_size,), np.int8),
     }
+    tables = {k: v.astype(np.int32) if v.dtype.kind in "iu" and v.dtype != np.int8 else v for k, v in tables.items()}
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in tables.items()}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim) if k in ROW_KEYS else replicated)
+            for k, v in tables.items()}
 
 
 # ---- inside the sampler's loop ---------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def generate(
             params, lora, cache, logits, positions, done,
             rng if rng is not None else jax.random.key(0), jnp.float32(temperature or 1.0), jnp.int32(top_k),
             jnp.float32(top_p), jnp.asarray(stop, jnp.int32), jnp.int32(max_new_tokens), jnp.int32(pad_id),
-            None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size),
+            None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size, mesh),
             cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
         )
     out = {k: v for k, v in out.items() if k != "cache"}
