@@ -88,6 +88,19 @@ def test_merged_equals_unmerged(params, batch):
         lambda x: (x.shape, x.dtype), params)
 
 
+def test_merge_folds_one_layer_at_a_time():
+    """The programs `merge` runs per layer (XLA's memory analysis): the fold's temporaries are one layer's float32
+    matrix, and writing the layer into the stack copy is in place (no temporaries, output aliased)."""
+    cfg = PRESETS["tiny"].replace(num_layers=16, intermediate_size=512, param_dtype="bfloat16")
+    stack = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))["layers"]["up"]
+    layer = jax.ShapeDtypeStruct(stack.shape[1:], stack.dtype)
+    a, b = jax.ShapeDtypeStruct((64, 2), jnp.float32), jax.ShapeDtypeStruct((2, 512), jnp.float32)
+    fold = lora_lib._fold.lower(layer, a, b, 2.0).compile().memory_analysis()
+    assert fold.temp_size_in_bytes <= 64 * 512 * 4  # one layer in float32 (the stack's would be 16x that)
+    put = lora_lib._set_layer.lower(stack, jnp.int32(3), layer).compile().memory_analysis()
+    assert put.temp_size_in_bytes == 0 and put.alias_size_in_bytes == stack.size * 2
+
+
 def test_two_adapters_share_one_base(params, batch):
     tokens, positions, mask = batch
     cfg_a, cfg_b = LoraConfig(rank=2, targets=("q", "v")), LoraConfig(rank=8, alpha=16.0, targets=("up", "down"))

@@ -97,6 +97,14 @@ EIGHT_DEVICES = textwrap.dedent("""
     got = sampling.generate(sp, cfg, prompts, max_new_tokens=12, lora=sl, lora_cfg=lcfg)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+
+    # LoRA merge of FSDP-sharded weights: sharded in, sharded out, equal values
+    fsdp_params = sharding.shard_params(params, eight)
+    merged8, merged1 = lora_lib.merge(fsdp_params, lora, lcfg), lora_lib.merge(params, lora, lcfg)
+    assert merged8["layers"]["up"].sharding.is_equivalent_to(fsdp_params["layers"]["up"].sharding, 3)
+    assert merged8["layers"]["up"].addressable_shards[0].data.size * 8 == merged8["layers"]["up"].size
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), jax.device_get(merged8),
+                 jax.device_get(merged1))
     tokens = jax.device_put(np.zeros((16, 16), np.int32), sharding.batch_sharding(eight, 2))
     with jax.set_mesh(eight):
         c8 = sampling.prefill.lower(sp, sl, tokens, tokens > 0, cfg=cfg, lora_cfg=lcfg, cache_len=32).compile()
