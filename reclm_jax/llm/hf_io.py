@@ -16,16 +16,17 @@ preset name with an embedded asset, a `.gguf` file, or a Hugging Face directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from reclm_jax import assets
 from reclm_jax.core.errors import FormatError
@@ -70,12 +71,17 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: LlamaConfig) -> Pa
         w = np.asarray(state_dict[name])
         return (w.T if transpose else w).astype(dtype)
 
+    def stack(name: str) -> np.ndarray:  # filled layer by layer: the stack plus one tensor in memory
+        first = take(_layer_name(0, name), name not in _NORMS)
+        out = np.empty((cfg.num_layers, *first.shape), dtype)
+        out[0] = first
+        for i in range(1, cfg.num_layers):
+            out[i] = take(_layer_name(i, name), name not in _NORMS)
+        return out
+
     params: Params = {
         "embed": take("model.embed_tokens.weight", False),
-        "layers": {
-            name: np.stack([take(_layer_name(i, name), name not in _NORMS) for i in range(cfg.num_layers)])
-            for name in HF_LAYER_NAMES
-        },
+        "layers": {name: stack(name) for name in HF_LAYER_NAMES},
         "final_norm": take("model.norm.weight", False),
     }
     if not cfg.tie_embeddings:
@@ -124,8 +130,9 @@ def _jnp_dtype(name: str) -> Any:
 # ---------------------------------------------------------------------------------------------- directories
 
 
-def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(config.json dict, state dict) of an HF checkpoint directory: model.safetensors or a sharded index."""
+def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], Mapping[str, np.ndarray]]:
+    """(config.json dict, state dict) of an HF checkpoint directory: model.safetensors or a sharded index. The
+    state dict reads each tensor when it is asked for (`SafetensorsDict`)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -140,19 +147,40 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
         files = ["model.safetensors"]
     else:
         raise FormatError(f"{path}: no model.safetensors or {SAFETENSORS_INDEX} (only safetensors are read)")
-    state: dict[str, np.ndarray] = {}
     for name in files:
         if not (path / name).is_file():
             raise FormatError(f"{path}: shard {name} named in {SAFETENSORS_INDEX} is missing")
-        state.update(_read_safetensors(path / name))
-    return config, state
+    return config, SafetensorsDict([path / name for name in files])
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    try:
-        return load_file(path)
-    except SafetensorError as e:  # a truncated or corrupt file
-        raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
+class SafetensorsDict(Mapping[str, np.ndarray]):
+    """The tensors of safetensors files, each read from its file when asked for: loading a model then holds its
+    parameters and one tensor, not also a whole copy of the checkpoint (13.5 GB for Llama-2-7B in bfloat16)."""
+
+    def __init__(self, files: Sequence[Path]):
+        self._file: dict[str, Path] = {}
+        for file in files:
+            with self._open(file) as f:
+                self._file.update(dict.fromkeys(f.keys(), file))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _open(file: Path) -> Iterator[Any]:
+        try:
+            with safe_open(file, framework="numpy") as f:
+                yield f
+        except SafetensorError as e:  # a truncated or corrupt file
+            raise FormatError(f"{file}: not a readable safetensors file ({e})") from None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        with self._open(self._file[name]) as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
 
 
 def load_hf_dir(path: str | Path, **overrides: Any) -> tuple[LlamaConfig, Params]:
@@ -355,4 +383,4 @@ def load_peft_dir(path: str | Path, cfg: LlamaConfig) -> tuple[LoraConfig, Param
                               targets=tuple(module_to_target[m] for m in modules))
     except (KeyError, ValueError) as e:
         raise FormatError(f"{config_file}: {e}") from None
-    return lora_cfg, lora_from_peft(_read_safetensors(weights), cfg, lora_cfg)
+    return lora_cfg, lora_from_peft(SafetensorsDict([weights]), cfg, lora_cfg)
