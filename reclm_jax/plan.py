@@ -43,7 +43,7 @@ from reclm_jax.llm.config import PRESETS
 from reclm_jax.llm.tokenizer import load_tokenizer
 from reclm_jax.pipeline import PipelineConfig, stage_configs
 from reclm_jax.rl.config import PPOConfig
-from reclm_jax.rl.trainer import data_mesh
+from reclm_jax.rl.trainer import ppo_mesh
 from reclm_jax.rl.update import init_state, ppo_update
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFTConfig
@@ -186,14 +186,15 @@ def _finish(programs: list[Program], model_cfg: Any, source: str, mesh_note: str
 
 def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], list[str]]:
     model_cfg, source = model_config(cfg.model, model_override)
-    mesh = data_mesh(cfg.mesh)
+    mesh = ppo_mesh(cfg.mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
     base = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg))
+    base_sh = sharding.param_shardings(base, mesh)
     state = jax.eval_shape(lambda b: init_state(jax.random.key(0), b, model_cfg, cfg), base)
     rep = lambda tree: jax.tree.map(lambda _: replicated, tree)  # noqa: E731
     n, r = cfg.batch_size, cfg.rollout
     p_len, r_len = sampling.bucket(r.max_prompt_tokens), sampling.bucket(r.max_new_tokens)
-    split = jax.NamedSharding(mesh, jax.P("data"))
+    split = jax.NamedSharding(mesh, jax.P(sharding.mesh_batch_axes(mesh)))
     batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=split) for k, shape, dt in (
         ("tokens", (n, p_len + r_len), jnp.int32), ("attention_mask", (n, p_len + r_len), bool),
         ("response_mask", (n, r_len), jnp.float32), ("logprobs", (n, r_len), jnp.float32),
@@ -201,22 +202,23 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
     key = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh):
         update = ppo_update.lower(
-            _abstract(base, rep(base)), _abstract(state, rep(state)), batch,
+            _abstract(base, base_sh), _abstract(state, rep(state)), batch,
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated), model_cfg=model_cfg,
             actor_cfg=cfg.actor_lora, critic_cfg=cfg.critic_lora, hyper=cfg.ppo, optim=cfg.optim,
-            shards=mesh.size).compile()
+            shards=sharding.batch_shards(mesh)).compile()
     actor = state.params["actor"]
     programs = [Program(f"ppo update ({n} x {p_len + r_len}, {cfg.ppo.epochs} epochs x {cfg.ppo.minibatches} "
                         "minibatches)", update, n * (p_len + r_len),
                         "ppo.minibatches (fewer rows per pass), model.remat=full, rollout.prompts_per_step")]
     programs += sampling_programs(
-        "rollout", mesh, model_cfg, base, rep(base), actor, rep(actor), cfg.actor_lora, n,
+        "rollout", mesh, model_cfg, base, base_sh, actor, rep(actor), cfg.actor_lora, n,
         r.max_prompt_tokens, r.max_new_tokens,
         sampling.SamplingMode(greedy=False, top_k=r.top_k > 0, top_p=r.top_p < 1.0),
         "rollout.prompts_per_step, rollout.max_new_tokens")
     return _finish(programs, model_cfg, source,
-                   f"mesh: data = {mesh.size} (mesh.data): base and adapters replicated, rollout rows, "
-                   "sampler cache and update minibatches split over the devices")
+                   f"mesh (data, fsdp, tensor) = {tuple(mesh.shape.values())}: base "
+                   f"{'FSDP-sharded over fsdp' if mesh.shape['fsdp'] > 1 else 'replicated'}, adapters replicated, "
+                   "rollout rows, sampler cache and update minibatches split over data x fsdp")
 
 
 def measure(prog: Program, acc: Accelerator, mfu: float, mbu: float, devices: int) -> Row:

@@ -210,10 +210,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, {tests!r})
 from test_ppo import make_case, run_update
 from reclm_jax.llm.sharding import MeshConfig
-from reclm_jax.rl.trainer import data_mesh
+from reclm_jax.rl.trainer import ppo_mesh
 assert jax.device_count() == 8, jax.devices()
 cfg, base, state, batch = make_case()
-mesh = data_mesh(MeshConfig(data=8))
+mesh = ppo_mesh(MeshConfig(data=8, fsdp=1))
 put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
 state, metrics = run_update(cfg, put(base, PartitionSpec()), put(state, PartitionSpec()),
                             put(batch, PartitionSpec("data")))
@@ -429,6 +429,6 @@ def test_config_errors_name_the_field():
         config.load(PPOConfig, None, ["rollout.temperature=0"])
     with pytest.raises(config.ConfigError, match="'train.data_parallel' is now 'mesh.data'"):
         config.load(PPOConfig, None, ["train.data_parallel=2"])
-    with pytest.raises(config.ConfigError, match="mesh.fsdp and mesh.tensor must be 1 for PPO"):
-        config.load(PPOConfig, None, ["mesh.fsdp=2"])
+    with pytest.raises(config.ConfigError, match="mesh.tensor must be 1 for PPO"):
+        config.load(PPOConfig, None, ["mesh.tensor=2"])
     assert config.load(PPOConfig, None, ["mesh.data=2"]).mesh.sizes == (2, 1, 1)

@@ -52,7 +52,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     from reclm_jax.llm import lora as lora_lib, model, sampling, sharding
     from reclm_jax.llm.config import LoraConfig, PRESETS
     from reclm_jax.rl import update
-    from reclm_jax.rl.trainer import data_mesh
+    from reclm_jax.rl.trainer import ppo_mesh
     from reclm_jax.sft import step as step_lib
     from reclm_jax.sft.config import SFT_OPTIM
     from reclm_jax.training import optim
@@ -120,7 +120,8 @@ EIGHT_DEVICES = textwrap.dedent("""
     # minibatches) equal one device running the same 8-shard schedule
     from test_ppo import MODEL, make_case
     pcfg, base, state, batch = make_case(["rollout.prompts_per_step=16", "ppo.minibatches=2"])
-    mesh = data_mesh(sharding.MeshConfig(data=8))
+    host_state = jax.device_get(state)  # the updates below donate their states
+    mesh = ppo_mesh(sharding.MeshConfig(data=8, fsdp=1))
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
     kw = dict(model_cfg=MODEL, actor_cfg=pcfg.actor_lora, critic_cfg=pcfg.critic_lora, hyper=pcfg.ppo, optim=pcfg.optim,
               shards=8)
@@ -138,12 +139,33 @@ EIGHT_DEVICES = textwrap.dedent("""
     ratio = flops(c1) / flops(c8)
     assert 7.5 < ratio <= 8.01, ratio
     print("ppo flops ratio", ratio)
+    # the same update with the base FSDP-sharded over 4 devices (mesh.fsdp=4): the batch over all 8 as before
+    fsdp = ppo_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    sharded_base = sharding.shard_params(base, fsdp)
+    assert sharded_base["layers"]["q"].addressable_shards[0].data.shape[1] * 4 == base["layers"]["q"].shape[1]
+    args4 = (sharded_base, jax.device_put(host_state, NamedSharding(fsdp, P())),
+             jax.device_put(batch, NamedSharding(fsdp, P(("data", "fsdp")))), key)
+    with jax.set_mesh(fsdp):
+        c4 = update.ppo_update.lower(*args4, **kw).compile()
+        s4, m4 = update.ppo_update(*args4, **kw)
+    for k in m1:
+        np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-3, atol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(s4.params),
+                 jax.device_get(s1.params))
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(base))
+    saved = c8.memory_analysis().argument_size_in_bytes - c4.memory_analysis().argument_size_in_bytes
+    assert saved > 0.7 * base_bytes, (saved, base_bytes)  # ~3/4 of the base no longer on every device
+    ratio = flops(c1) / flops(c4)
+    assert 7.5 < ratio <= 8.01, ratio
     rows = [[int(t) for t in rng.integers(3, 64, 5)] for _ in range(16)]
     actor = jax.device_get(s1.params["actor"])  # (the update donated `state`)
     kw = dict(max_new_tokens=8, temperature=0.7, rng=jax.random.key(5), lora=actor, lora_cfg=pcfg.actor_lora)
     ref = sampling.generate(base, MODEL, rows, **kw)
     kw["lora"] = put(actor, P())
     got = sampling.generate(put(base, P()), MODEL, rows, **kw)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+    got = sampling.generate(sharded_base, MODEL, rows, **{**kw, "lora": jax.device_put(actor, NamedSharding(fsdp, P()))})
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
 

@@ -112,13 +112,14 @@ class PPOConfig(Section):
     prompts: PromptSection = field(default_factory=PromptSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
-    # The batch split over mesh.data devices (-1: all), base and adapters replicated on each; multi-host start-up
+    # The batch is split over mesh.data x mesh.fsdp devices; the base is FSDP-sharded over mesh.fsdp (for a base
+    # that does not fit on one device; 1: replicated), the adapters and value head are replicated. Multi-host too.
     mesh: MeshConfig = field(default_factory=lambda: MeshConfig(data=-1, fsdp=1))
 
     def check(self) -> None:
-        if self.mesh.fsdp != 1 or self.mesh.tensor != 1:
-            raise ValueError(f"mesh.fsdp and mesh.tensor must be 1 for PPO (got {self.mesh.fsdp} and "
-                             f"{self.mesh.tensor}): it splits only the batch, over mesh.data")
+        if self.mesh.tensor != 1:
+            raise ValueError(f"mesh.tensor must be 1 for PPO (got {self.mesh.tensor}): it splits the batch over "
+                             "mesh.data and mesh.fsdp, and the base over mesh.fsdp")
         if self.optim.schedule != "constant":
             raise ValueError(f"optim.schedule must be 'constant' for PPO, got {self.optim.schedule!r}")
         batch = self.rollout.prompts_per_step * self.rollout.responses_per_prompt

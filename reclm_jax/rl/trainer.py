@@ -23,6 +23,7 @@ directory `<out_dir>/actor` (merge it into the SFT model for evaluation and serv
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reclm_jax.core.errors import UserError
 from reclm_jax.data import load_dataset
 from reclm_jax.eval.parse import Catalogue
-from reclm_jax.llm import hf_io, lora as lora_lib
+from reclm_jax.llm import hf_io, lora as lora_lib, sharding
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig
 from reclm_jax.llm.sharding import MeshConfig, initialize_distributed
@@ -63,15 +64,17 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
     return {"init": init, "steps": steps}
 
 
-def data_mesh(cfg: MeshConfig) -> Mesh:
-    """A 1-D mesh over the first `cfg.data` devices (-1: all, of every process): the batch is split over "data",
-    the base and the train state are replicated (an RL step's adapters and batch are small; a 7B base in
-    bfloat16 fits each A100-40GB). Sampling and the update split the batch: each device works on its rows."""
+def ppo_mesh(cfg: MeshConfig) -> Mesh:
+    """The (data, fsdp, tensor) mesh over the first data x fsdp devices (-1: all the rest, of every process).
+    The batch is split over data and fsdp: sampling and the update each work on their device's rows. The base
+    is FSDP-sharded over fsdp like SFT's (1: replicated, as the paper's 7B in bfloat16 fits an A100-40GB); the
+    adapters, value head and optimiser state are small and replicated."""
     devices = jax.devices()
-    n = len(devices) if cfg.data == -1 else cfg.data
-    if not 1 <= n <= len(devices):
-        raise ValueError(f"mesh.data={n} but {len(devices)} devices are available")
-    return Mesh(np.asarray(devices[:n]), ("data",))
+    known = math.prod(s for s in cfg.sizes if s != -1)
+    n = len(devices) if -1 in cfg.sizes else known
+    if not known <= n <= len(devices):
+        raise ValueError(f"mesh {cfg.sizes} (data, fsdp, tensor) needs {known} devices, {len(devices)} are available")
+    return sharding.make_mesh(cfg, devices[:n])
 
 
 class PPOTrainer:
@@ -81,12 +84,13 @@ class PPOTrainer:
                  policy: ChatPolicy, mesh: Mesh | None = None):
         self.cfg, self.model_cfg, self.scorer = cfg, model_cfg, scorer
         self.policy = policy
-        self.mesh = mesh or data_mesh(MeshConfig(data=1))
-        if cfg.batch_size % self.mesh.size:
-            raise ValueError(f"{cfg.batch_size} sequences per step do not split over {self.mesh.size} devices")
+        self.mesh = mesh or ppo_mesh(MeshConfig(data=1, fsdp=1))
+        self.shards = sharding.batch_shards(self.mesh)
+        if cfg.batch_size % self.shards:
+            raise ValueError(f"{cfg.batch_size} sequences per step do not split over {self.shards} devices")
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.split = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.base = jax.device_put(base, self.replicated)
+        self.split = NamedSharding(self.mesh, PartitionSpec(sharding.mesh_batch_axes(self.mesh)))
+        self.base = sharding.shard_params(base, self.mesh)
         self.keys = run_keys(cfg.seed)
         # one program that creates the state in its place (many small eager ops and compiles otherwise)
         self.state = jax.jit(init_state, static_argnums=(2, 3), out_shardings=self.replicated)(
@@ -110,7 +114,7 @@ class PPOTrainer:
             state, metrics = ppo_update(self.base, state, jax.device_put(batch, self.split), update_key,
                                         model_cfg=self.model_cfg, actor_cfg=self.actor_cfg, critic_cfg=self.critic_cfg,
                                         hyper=self.cfg.ppo, optim=self.cfg.optim,
-                                        shards=self.mesh.size)
+                                        shards=self.shards)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         clock.append((time.perf_counter(), time.process_time()))
         # wall and process CPU seconds of each part (CPU time is the steadier number on a shared machine)
@@ -190,7 +194,7 @@ def build(cfg: PPOConfig, teacher=None) -> tuple[PPOTrainer, PromptStream]:
     titles = display_titles(dataset.titles, policy, tasks_cfg.max_title_tokens)
     catalogue = Catalogue(titles, cfg.rollout.title_match, fuzzy=cfg.rollout.fuzzy_titles)
     scorer = rollout.Scorer(catalogue, teacher, dataset.category_matrix, policy.decode, cfg.rewards)
-    trainer = PPOTrainer(cfg, base, model_cfg, scorer, policy, data_mesh(cfg.mesh))
+    trainer = PPOTrainer(cfg, base, model_cfg, scorer, policy, ppo_mesh(cfg.mesh))
     stream = PromptStream(TaskContext(dataset, teacher, tasks_cfg, titles=titles), policy,
                           cfg.rollout.max_prompt_tokens, cfg.rollout.prompts_per_step)
     return trainer, stream
