@@ -185,6 +185,16 @@ EIGHT_DEVICES = textwrap.dedent("""
     tables = constrain.device_tables(allowed, 16, ccfg.vocab_size, mesh)
     assert tables["base"].addressable_shards[0].data.shape == (2, allowed.base.shape[1])
     assert tables["edge_token"].addressable_shards[0].data.shape == tables["edge_token"].shape
+
+    # evaluation and recommend load the model onto every local device: each answers its share, as one would
+    import tempfile
+    from reclm_jax.eval import evaluate as E
+    from reclm_jax.llm import hf_io
+    chat = E.load_chat_model(str(hf_io.save_hf_dir(tempfile.mkdtemp(), jax.device_get(cparams), ccfg, tokenizer=tok)))
+    assert len(chat.params["embed"].sharding.device_set) == 8
+    asks = [chat.policy.prompt_ids([{"role": "user", "content": f"Name {i} films."}], 64) for i in range(12)]
+    eight = chat.policy.answer(chat.params, chat.cfg, asks, max_new_tokens=12, batch_size=16)
+    assert eight == chat.policy.answer(jax.device_get(chat.params), chat.cfg, asks, max_new_tokens=12, batch_size=16)
     print("EIGHT-OK")
 """)
 

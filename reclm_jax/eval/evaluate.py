@@ -52,10 +52,11 @@ from reclm_jax.data.schema import Dataset
 from reclm_jax.eval.metrics import NO_CONTROL, Bootstrap, estimate, evaluate_batch
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.eval.tables import write_tables
-from reclm_jax.llm import hf_io
+from reclm_jax.llm import hf_io, sharding
 from reclm_jax.llm.automaton import Intent, catalogue_automaton
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig
+from reclm_jax.llm.sharding import MeshConfig
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.evaluation import EvalSet, build_eval_set
 from reclm_jax.tasks.samples import Sample, TaskContext
@@ -78,20 +79,24 @@ class ChatModel:
 
     name: str
     cfg: LlamaConfig
-    params: Any  # device arrays
+    params: Any  # device arrays, on the sampling mesh
     policy: ChatPolicy
 
 
 def load_chat_model(model: str, loras: Sequence[str | Path] = (), tokenizer: str | Path | None = None,
-                    name: str | None = None) -> ChatModel:
+                    name: str | None = None, mesh: MeshConfig = MeshConfig(data=-1, fsdp=1)) -> ChatModel:
     """Base weights from a preset with embedded weights, a GGUF file or an HF directory
     (`hf_io.load_pretrained`), PEFT LoRA adapters merged in in the given order (e.g. the SFT adapter, then
-    the PPO actor trained on top of it), and the model's tokenizer (`tokenizer` defaults to `model`)."""
+    the PPO actor trained on top of it), and the model's tokenizer (`tokenizer` defaults to `model`). The
+    weights go onto `mesh` over this process's devices in the sampling layout (`sharding.SAMPLE_RULES`): by
+    default a copy on every device, each answering its share of every batch; mesh.tensor > 1 splits the
+    matrices for a model that does not fit one device."""
     cfg, params = hf_io.load_merged(model, loras)
     policy = ChatPolicy.load(tokenizer or model)
     if len(policy) > cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer or model} has {len(policy)} tokens, model {model} only {cfg.vocab_size}")
-    return ChatModel(name or str(model), cfg, jax.device_put(params), policy)
+    placed = sharding.shard_params(params, sharding.make_mesh(mesh, jax.local_devices()), sharding.SAMPLE_RULES)
+    return ChatModel(name or str(model), cfg, placed, policy)
 
 
 def generate_texts(model: ChatModel, samples: Sequence[Sample], settings: GenerationSettings,
