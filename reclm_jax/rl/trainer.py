@@ -30,7 +30,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reclm_jax.core.errors import UserError
