@@ -185,7 +185,6 @@ def test_peft_adapter_export(tmp_path):
 
 def test_bad_adapters(tmp_path):
     cfg = UNTIED
-    params = random_params(cfg)
     adapter = random_lora(cfg, LORA_CFG)
     hf_io.save_peft_dir(tmp_path, adapter, cfg, LORA_CFG)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
