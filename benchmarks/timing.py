@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def parser(doc: str | None, repeats: int | None = 3) -> argparse.ArgumentParser:
@@ -31,6 +32,23 @@ def add_decode_args(p: argparse.ArgumentParser, new_tokens: int) -> None:
 def machine() -> str:
     """jax version, device and the load average, for a result's header line (the CPU here is shared)."""
     return f"jax {jax.__version__} on {jax.devices()[0].device_kind}; load average {os.getloadavg()[0]:.1f}"
+
+
+def stream_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """GB/s at which a jitted vector-matrix product reads a `megabytes` float32 matrix (best of `repeats`):
+    the fastest a decode step that reads every weight once can go here, caches and both cores included."""
+    w = jnp.ones((1024, megabytes << 8), jnp.float32)
+    x = jnp.ones((1, 1024), jnp.float32)
+    product = jax.jit(lambda x, w: x @ w)
+    product(x, w).block_until_ready()
+    best = min(_seconds(lambda: product(x, w).block_until_ready()) for _ in range(repeats))
+    return w.nbytes / best / 1e9
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
