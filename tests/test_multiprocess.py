@@ -57,9 +57,9 @@ def sft_args(out: Path, teacher: Path) -> list[str]:
     gguf = assets.fetch("tiny-llama-vocab") / "tiny.gguf"
     return ["sft", "--quiet", f"out_dir={out}", f"teacher={teacher}", "data.name=ml-100k", f"model.base={gguf}",
             f"model.tokenizer={gguf}", "tasks.task_set=v1", "tasks.sharegpt_ratio=0", "tasks.min_k=3",
-            "tasks.max_k=3", "tasks.max_length=256", "tasks.max_response_tokens=96", "tasks.buckets=[128,192,256]", "train.global_batch=4",
-            "train.micro_batch=2", f"train.steps={STEPS}", "valid.every=0", "checkpoint.every=1",
-            "checkpoint.async_save=false", "optim.lr=1e-2"]
+            "tasks.max_k=3", "tasks.max_length=256", "tasks.max_response_tokens=96", "tasks.buckets=[128,192,256]",
+            "train.global_batch=4", "train.micro_batch=2", f"train.steps={STEPS}", "valid.every=0",
+            "checkpoint.every=1", "checkpoint.async_save=false", "optim.lr=1e-2"]
 
 
 def ppo_args(out: Path, teacher: Path) -> list[str]:

@@ -165,7 +165,8 @@ EIGHT_DEVICES = textwrap.dedent("""
     got = sampling.generate(put(base, P()), MODEL, rows, **kw)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
-    got = sampling.generate(sharded_base, MODEL, rows, **{**kw, "lora": jax.device_put(actor, NamedSharding(fsdp, P()))})
+    kw["lora"] = jax.device_put(actor, NamedSharding(fsdp, P()))
+    got = sampling.generate(sharded_base, MODEL, rows, **kw)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
 

@@ -172,5 +172,5 @@ def abstract(tree: Any) -> Any:
     (from `jax.eval_shape`) is restored whole onto this process's first device: left to orbax, it would go to
     the device it was saved from, which in a multi-process run belongs to one process only."""
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local),
-                        tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local), tree)
