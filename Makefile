@@ -31,8 +31,8 @@ test: lint
 
 # The inner loop: everything but the tests marked slow (subprocess meshes, real weights end to end). Its ~750 tiny
 # programs cost more to compile than to run, so XLA's CPU compiler is told to skip LLVM optimisation and use its
-# older loop emitters: the same HLO, 2.8x less compile CPU, slower code (which is why `make test` keeps the defaults:
-# the real-weight tests would run 3x slower).
+# older loop emitters: the same HLO, 2.8x less compile CPU, slower code. `make test` keeps XLA's defaults: they are
+# what users run, and the real-weight tests would run 3x slower.
 FAST_COMPILE := --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true \
 	--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1
 
