@@ -95,7 +95,7 @@ def test_merge_folds_one_layer_at_a_time():
     stack = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))["layers"]["up"]
     layer = jax.ShapeDtypeStruct(stack.shape[1:], stack.dtype)
     a, b = jax.ShapeDtypeStruct((64, 2), jnp.float32), jax.ShapeDtypeStruct((2, 512), jnp.float32)
-    fold = lora_lib._fold.lower(layer, a, b, 2.0).compile().memory_analysis()
+    fold = lora_lib._fold.lower(layer, {"a": a, "b": b}, LoraConfig(rank=2)).compile().memory_analysis()
     assert fold.temp_size_in_bytes <= 64 * 512 * 4  # one layer in float32 (the stack's would be 16x that)
     put = lora_lib._set_layer.lower(stack, jnp.int32(3), layer).compile().memory_analysis()
     assert put.temp_size_in_bytes == 0 and put.alias_size_in_bytes == stack.size * 2

@@ -78,15 +78,24 @@ def start_pair(args: list[str], port: int) -> list[subprocess.Popen]:
             for i in range(2)]
 
 
+def run_alone(args: list[str]) -> None:
+    """The reference: one process driving two devices."""
+    proc = subprocess.run(cli(*args), cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def finish(pair: list[subprocess.Popen]) -> list[str]:
+    """Both processes' output, once both have exited 0."""
+    outs = [p.communicate(timeout=600)[0] for p in pair]
+    assert [p.returncode for p in pair] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
 def logged(out: Path, key: str) -> dict[int, float]:
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if key in r]
     assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
     return {r["step"]: r[key] for r in records if key in r}
-
-
-def losses(out: Path) -> dict[int, float]:
-    return logged(out, "loss")
 
 
 def checkpoints(out: Path) -> list[int]:
@@ -96,9 +105,7 @@ def checkpoints(out: Path) -> list[int]:
 
 def test_two_processes_train_like_one_and_resume_after_kill_9(teacher, tmp_path):
     single = tmp_path / "single"
-    proc = subprocess.run(cli(*sft_args(single, teacher)), cwd=ROOT, env=env(2), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_alone(sft_args(single, teacher))
 
     pair_dir = tmp_path / "pair"
     pair = start_pair(sft_args(pair_dir, teacher), free_port())
@@ -113,24 +120,18 @@ def test_two_processes_train_like_one_and_resume_after_kill_9(teacher, tmp_path)
     pair[1].wait()
     assert checkpoints(pair_dir)[-1] < STEPS
 
-    pair = start_pair(sft_args(pair_dir, teacher), free_port())  # both started again: resume
-    outs = [p.communicate(timeout=600)[0] for p in pair]
-    assert [p.returncode for p in pair] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    outs = finish(start_pair(sft_args(pair_dir, teacher), free_port()))  # both started again: resume
     assert "resumed from step" in outs[0]
-    assert sorted(losses(pair_dir)) == list(range(1, STEPS + 1))
-    assert losses(pair_dir) == pytest.approx(losses(single), rel=5e-4)
+    assert sorted(logged(pair_dir, "loss")) == list(range(1, STEPS + 1))
+    assert logged(pair_dir, "loss") == pytest.approx(logged(single, "loss"), rel=5e-4)
     assert (pair_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_two_processes_run_ppo_like_one(teacher, tmp_path):
     single = tmp_path / "single"
-    proc = subprocess.run(cli(*ppo_args(single, teacher)), cwd=ROOT, env=env(2), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_alone(ppo_args(single, teacher))
     pair_dir = tmp_path / "pair"
-    pair = start_pair(ppo_args(pair_dir, teacher), free_port())
-    outs = [p.communicate(timeout=600)[0] for p in pair]
-    assert [p.returncode for p in pair] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    finish(start_pair(ppo_args(pair_dir, teacher), free_port()))
     for key in ("reward", "r_list", "format/NonExist@K", "loss", "pg_loss", "vf_loss", "kl", "entropy", "grad_norm"):
         assert sorted(logged(pair_dir, key)) == list(range(1, PPO_STEPS + 1)), key
         assert logged(pair_dir, key) == pytest.approx(logged(single, key), rel=1e-4, abs=1e-6), key

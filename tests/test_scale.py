@@ -128,35 +128,30 @@ EIGHT_DEVICES = textwrap.dedent("""
     key = jax.random.key(3)
     c1 = update.ppo_update.lower(base, state, batch, key, **kw).compile()
     s1, m1 = update.ppo_update(base, jax.tree.map(jnp.array, state), batch, key, **kw)
-    args8 = (put(base, P()), put(state, P()), put(batch, P("data")), key)
-    with jax.set_mesh(mesh):
-        c8 = update.ppo_update.lower(*args8, **kw).compile()
-        s8, m8 = update.ppo_update(*args8, **kw)
-    for k in m1:
-        np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-3, atol=1e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(s8.params),
-                 jax.device_get(s1.params))
-    ratio = flops(c1) / flops(c8)
-    assert 7.5 < ratio <= 8.01, ratio
+
+    def update_like_one_device(on, args):  # equal metrics and parameters, 1/8 of the FLOPs per device
+        with jax.set_mesh(on):
+            compiled = update.ppo_update.lower(*args, **kw).compile()
+            new, metrics = update.ppo_update(*args, **kw)
+        for k in m1:
+            np.testing.assert_allclose(float(metrics[k]), float(m1[k]), rtol=1e-3, atol=1e-5, err_msg=k)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(new.params),
+                     jax.device_get(s1.params))
+        ratio = flops(c1) / flops(compiled)
+        assert 7.5 < ratio <= 8.01, ratio
+        return compiled, ratio
+
+    c8, ratio = update_like_one_device(mesh, (put(base, P()), put(state, P()), put(batch, P("data")), key))
     print("ppo flops ratio", ratio)
     # the same update with the base FSDP-sharded over 4 devices (mesh.fsdp=4): the batch over all 8 as before
     fsdp = ppo_mesh(sharding.MeshConfig(data=2, fsdp=4))
     sharded_base = sharding.shard_params(base, fsdp)
     assert sharded_base["layers"]["q"].addressable_shards[0].data.shape[1] * 4 == base["layers"]["q"].shape[1]
-    args4 = (sharded_base, jax.device_put(host_state, NamedSharding(fsdp, P())),
-             jax.device_put(batch, NamedSharding(fsdp, P(("data", "fsdp")))), key)
-    with jax.set_mesh(fsdp):
-        c4 = update.ppo_update.lower(*args4, **kw).compile()
-        s4, m4 = update.ppo_update(*args4, **kw)
-    for k in m1:
-        np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-3, atol=1e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(s4.params),
-                 jax.device_get(s1.params))
+    c4, _ = update_like_one_device(fsdp, (sharded_base, jax.device_put(host_state, NamedSharding(fsdp, P())),
+                                          jax.device_put(batch, NamedSharding(fsdp, P(("data", "fsdp")))), key))
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(base))
     saved = c8.memory_analysis().argument_size_in_bytes - c4.memory_analysis().argument_size_in_bytes
     assert saved > 0.7 * base_bytes, (saved, base_bytes)  # ~3/4 of the base no longer on every device
-    ratio = flops(c1) / flops(c4)
-    assert 7.5 < ratio <= 8.01, ratio
     rows = [[int(t) for t in rng.integers(3, 64, 5)] for _ in range(16)]
     actor = jax.device_get(s1.params["actor"])  # (the update donated `state`)
     kw = dict(max_new_tokens=8, temperature=0.7, rng=jax.random.key(5), lora=actor, lora_cfg=pcfg.actor_lora)

@@ -72,20 +72,21 @@ def merge(params: Params, lora: Params, lora_cfg: LoraConfig) -> Params:
         w = params["layers"][target]
         out = jnp.copy(w)
         for i in range(w.shape[0]):
-            out = _set_layer(out, jnp.int32(i), _fold(w[i], adapter["a"][i], adapter["b"][i], lora_cfg.scale))
+            layer = {"a": adapter["a"][i], "b": adapter["b"][i]}
+            out = _set_layer(out, jnp.int32(i), _fold(w[i], layer, lora_cfg))
         merged["layers"][target] = out
     if "lm_head" in lora:
         if "lm_head" not in params:  # tied embeddings
             raise ValueError("lora.merge: an lm_head adapter cannot be merged into tied embeddings "
                              "(the update would change the input embedding too); drop 'lm_head' from "
                              "LoraConfig.targets or untie the model")
-        merged["lm_head"] = _fold(params["lm_head"], lora["lm_head"]["a"], lora["lm_head"]["b"], lora_cfg.scale)
+        merged["lm_head"] = _fold(params["lm_head"], lora["lm_head"], lora_cfg)
     return merged
 
 
-@jax.jit
-def _fold(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    return (w.astype(jnp.float32) + scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))).astype(w.dtype)
+@functools.partial(jax.jit, static_argnums=2)
+def _fold(w: jax.Array, adapter: Params, lora_cfg: LoraConfig) -> jax.Array:
+    return (w.astype(jnp.float32) + delta(adapter, lora_cfg)).astype(w.dtype)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
