@@ -46,6 +46,7 @@ from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm.config import LAYER_TARGETS, LoraConfig
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFT_OPTIM
+from reclm_jax.tasks.batches import collate
 from reclm_jax.training import optim
 import timing
 
@@ -58,9 +59,9 @@ MATMUL_F32_GFLOPS = 390  # this CPU's float32 matrix-product rate (shared/notes/
 def all_position_loss(lora, params, batch, dropout_rng, *, cfg, lora_cfg, response_len):
     """The loss with logits at every position (what SFT computed before gathering the response positions)."""
     del response_len
-    logprobs, _ = token_logprobs(params, cfg, batch["tokens"], batch["attention_mask"], lora=lora,
+    logprobs, _ = token_logprobs(params, cfg, batch["tokens"], batch["segment_ids"] > 0, lora=lora,
                                  lora_cfg=lora_cfg, dropout_rng=dropout_rng)
-    return step_lib.response_loss(logprobs, batch["loss_mask"][:, 1:])[0]
+    return -(logprobs * batch["loss_weight"][:, 1:]).sum()
 
 
 def jax_rule_low_rank(x, a, b, scale, out_dtype):
@@ -154,9 +155,9 @@ def main() -> None:
     params = jax.device_put(params)
     b, t = args.batch, args.length
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
-    loss_mask = np.zeros((b, t), bool)
-    loss_mask[:, t - args.response:] = True
-    batch = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.ones((b, t), bool), "loss_mask": jnp.asarray(loss_mask)}
+    answer = np.arange(t) >= t - args.response
+    batch = jax.device_put(collate([{"tokens": row, "loss_mask": answer} for row in tokens], [[i] for i in range(b)],
+                                   t, pad_id=0))
 
     steps = {}
     for name in args.variants:
@@ -164,7 +165,7 @@ def main() -> None:
         tx = optim.optimizer(SFT_OPTIM, 100)
         state = step_lib.init_state(lora_lib.init(jax.random.key(0), params, cfg, vlora), tx)
         with patched(patches):
-            fn = jax.jit(functools.partial(step_lib.train_step, cfg=vcfg, lora_cfg=vlora, tx=tx, accum=1,
+            fn = jax.jit(functools.partial(step_lib.train_step, cfg=vcfg, lora_cfg=vlora, tx=tx, micro_rows=b,
                                            response_len=args.response))
             compiled = fn.lower(state, vparams, batch, jax.random.key(1)).compile()
         steps[name] = functools.partial(lambda c, s, p: jax.block_until_ready(c(s, p, batch, jax.random.key(1))),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
@@ -21,6 +20,7 @@ from reclm_jax.llm import lora as lora_lib
 from reclm_jax.llm.tokenizer import load_tokenizer
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFT_OPTIM
+from reclm_jax.tasks.batches import collate
 from reclm_jax.training import optim
 import timing
 from bench_sft_step import VARIANTS, patched, variant
@@ -45,19 +45,17 @@ def main() -> None:
     ids = np.asarray(load_tokenizer("smollm2-135m").encode(open(PAPER).read(), add_special_tokens=False), np.int32)
     b, t = args.batch, args.length
     rows = ids[: args.steps * b * t].reshape(args.steps, b, t)  # each step its own batch, in order
-    loss_mask = np.zeros((b, t), bool)
-    loss_mask[:, t - args.response:] = True
+    answer = np.arange(t) >= t - args.response
     curves = {}
     for name in args.variants:
         vcfg, lora_cfg, vparams, patches = variant(name, cfg, params)
         tx = optim.optimizer(SFT_OPTIM, args.steps)
         state = step_lib.init_state(lora_lib.init(jax.random.key(0), params, cfg, lora_cfg), tx)
-        step = jax.jit(functools.partial(step_lib.train_step, cfg=vcfg, lora_cfg=lora_cfg, tx=tx, accum=1,
+        step = jax.jit(functools.partial(step_lib.train_step, cfg=vcfg, lora_cfg=lora_cfg, tx=tx, micro_rows=b,
                                          response_len=args.response), donate_argnums=0)
         losses = []
         for i in range(args.steps):
-            batch = {"tokens": jnp.asarray(rows[i]), "attention_mask": jnp.ones((b, t), bool),
-                     "loss_mask": jnp.asarray(loss_mask)}
+            batch = collate([{"tokens": row, "loss_mask": answer} for row in rows[i]], [[j] for j in range(b)], t, 0)
             with patched(patches):  # only the first call traces
                 state, metrics = step(state, vparams, batch, jax.random.key(1))
             losses.append(float(metrics["loss"]))

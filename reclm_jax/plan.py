@@ -149,15 +149,19 @@ def sft_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
     tx = optim.optimizer(cfg.optim, 1000)
     state_sh, params_sh, batch_sh = step_lib.train_shardings(mesh, params, lora, tx)
     state = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx), lora)
-    if cfg.train.global_batch % cfg.train.micro_batch:
-        raise UserError(f"train.global_batch ({cfg.train.global_batch}) must be a multiple of train.micro_batch "
-                        f"({cfg.train.micro_batch})")
-    accum = cfg.train.global_batch // cfg.train.micro_batch
-    length = min(b for b in cfg.tasks.buckets if b >= cfg.tasks.max_length)  # the longest padded batch
-    rows = cfg.train.global_batch
-    batch = {k: jax.ShapeDtypeStruct((rows, length), dt, sharding=batch_sh[k])
-             for k, dt in (("tokens", "int32"), ("attention_mask", "bool"), ("loss_mask", "bool"))}
-    fn = step_lib.jit_train_step(model_cfg, lora_cfg, tx, accum, cfg.tasks.max_response_tokens,
+    micro, tasks = cfg.train.micro_batch, cfg.tasks
+    if tasks.pack_length is None:
+        if cfg.train.global_batch % micro:
+            raise UserError(f"train.global_batch ({cfg.train.global_batch}) must be a multiple of train.micro_batch "
+                            f"({micro})")
+        length, rows = min(b for b in tasks.buckets if b >= tasks.max_length), cfg.train.global_batch
+    else:  # the most rows: every sample max_length tokens long
+        length, per_row = tasks.pack_length, tasks.pack_length // tasks.max_length
+        rows = -(-cfg.train.global_batch // per_row // micro) * micro
+    accum = rows // micro
+    dtypes = {"tokens": "int32", "positions": "int32", "segment_ids": "int32", "loss_weight": "float32"}
+    batch = {k: jax.ShapeDtypeStruct((rows, length), dtypes[k], sharding=batch_sh[k]) for k in step_lib.BATCH_KEYS}
+    fn = step_lib.jit_train_step(model_cfg, lora_cfg, tx, micro, tasks.answer_tokens_per_row,
                                  (state_sh, params_sh, batch_sh), mesh=mesh)
     key = jax.eval_shape(lambda: jax.random.key(0))
     train = fn.lower(_abstract(state, state_sh), _abstract(params, params_sh), batch, key).compile()

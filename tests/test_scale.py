@@ -55,6 +55,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     from reclm_jax.rl.trainer import ppo_mesh
     from reclm_jax.sft import step as step_lib
     from reclm_jax.sft.config import SFT_OPTIM
+    from reclm_jax.tasks.batches import collate
     from reclm_jax.training import optim
     assert jax.device_count() == 8
     flops = lambda c: hlo_stats.analyse(c.as_text()).flops  # noqa: E731
@@ -70,12 +71,12 @@ EIGHT_DEVICES = textwrap.dedent("""
     rng = np.random.default_rng(0)
     B, T = 16, 32
     pos = np.arange(T)
-    host = {"tokens": rng.integers(3, 256, (B, T)).astype(np.int32), "attention_mask": np.ones((B, T), bool),
-            "loss_mask": np.broadcast_to(pos >= 20, (B, T)).copy()}
+    host = collate([{"tokens": row, "loss_mask": pos >= 20} for row in rng.integers(3, 256, (B, T)).astype(np.int32)],
+                   [[i] for i in range(B)], T, pad_id=0)
     out = {}
     for name, mesh in (("one", one), ("eight", eight)):
         state_sh, params_sh, batch_sh = step_lib.train_shardings(mesh, params, lora, tx)
-        fn = step_lib.jit_train_step(cfg, lcfg, tx, 2, 12, (state_sh, params_sh, batch_sh), mesh=mesh)
+        fn = step_lib.jit_train_step(cfg, lcfg, tx, 8, 12, (state_sh, params_sh, batch_sh), mesh=mesh)
         state = jax.device_put(step_lib.init_state(jax.tree.map(jnp.copy, lora), tx), state_sh)
         args = (state, jax.device_put(params, params_sh), jax.device_put(host, batch_sh), jax.random.key(0))
         compiled = fn.lower(*args).compile()
@@ -215,6 +216,7 @@ MEASURE = textwrap.dedent("""
     from reclm_jax.llm import lora as lora_lib, model
     from reclm_jax.sft import step as step_lib
     from reclm_jax.sft.config import SFTConfig
+    from reclm_jax.tasks.batches import collate
     from reclm_jax.training import optim
 
     def status(field):  # kB -> bytes, from the kernel's view of this process
@@ -232,9 +234,9 @@ MEASURE = textwrap.dedent("""
     state = step_lib.init_state(lora, optim.optimizer(cfg.optim, 1000))
     rows, length = cfg.train.global_batch, 448
     rng = np.random.default_rng(0)
-    batch = {"tokens": rng.integers(3, model_cfg.vocab_size, (rows, length)).astype(np.int32),
-             "attention_mask": np.ones((rows, length), bool),
-             "loss_mask": np.broadcast_to(np.arange(length) >= length - 128, (rows, length)).copy()}
+    batch = collate([{"tokens": row, "loss_mask": np.arange(length) >= length - 128}
+                     for row in rng.integers(3, model_cfg.vocab_size, (rows, length)).astype(np.int32)],
+                    [[i] for i in range(rows)], length, pad_id=0)
     batch = jax.device_put(batch)
     compiled = programs[0].compiled
     state, _ = compiled(state, params, batch, jax.random.key(0))  # warm: first-run allocations

@@ -24,6 +24,7 @@ from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFT_OPTIM, CheckpointConfig, SFTConfig, TrainConfig, ValidConfig
 from reclm_jax.core.errors import RunError
 from reclm_jax.sft.trainer import RunSetup, place, train
+from reclm_jax.tasks.batches import collate, pack
 from reclm_jax.tasks.samples import Sample
 from reclm_jax.training import optim
 from reference_logprobs import token_logprobs
@@ -36,14 +37,6 @@ LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=LORA_TARGETS)  # lm_he
 B, T, ACCUM, TOTAL = 4, 16, 2, 12
 
 
-def test_response_loss_is_per_sample_mean_then_batch_mean():
-    logprobs = jnp.array([[-2.0, -3.0, -9.0], [-0.5, -7.0, -4.0]])
-    valid = jnp.array([[1, 1, 0], [1, 0, 0]], bool)
-    loss, per_sample = step_lib.response_loss(logprobs, valid)
-    np.testing.assert_allclose(per_sample, [2.5, 0.5])
-    np.testing.assert_allclose(loss, 1.5)
-
-
 def test_response_positions_are_the_states_before_response_tokens():
     loss_mask = jnp.array([[0, 0, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
     idx, valid = step_lib.response_positions(loss_mask, 3)
@@ -52,18 +45,41 @@ def test_response_positions_are_the_states_before_response_tokens():
     assert step_lib.response_positions(loss_mask, 99)[0].shape == (3, 4)  # never more than T - 1
 
 
-def test_batch_loss_equals_the_loss_over_all_positions():
-    """Logits at the gathered response positions only give the full forward pass's per-token mean."""
+def test_batch_loss_equals_the_per_sample_mean_over_all_positions():
+    """Logits at the gathered response positions only give the full forward pass's loss: each sample's mean
+    response-token cross-entropy, averaged over samples (long and short answers weigh the same)."""
     params = base_params()
     lora = jax.tree.map(lambda x: x + 0.01, init_lora(jax.random.key(1), params, CFG, LORA))
     batch = jax.tree.map(jnp.asarray, next(iter(batches())))
-    logprobs, _ = token_logprobs(params, CFG, batch["tokens"], batch["attention_mask"], lora=lora,
-                                       lora_cfg=LORA)
-    mask = batch["loss_mask"][:, 1:].astype(np.float32)
+    logprobs, _ = token_logprobs(params, CFG, batch["tokens"], batch["segment_ids"] > 0, lora=lora, lora_cfg=LORA)
+    mask = np.asarray(batch["loss_weight"][:, 1:] > 0, np.float32)
     expected = np.mean(-(logprobs * mask).sum(-1) / mask.sum(-1))
     for size in (T, int(mask.sum(-1).max())):
         got = batch_loss(lora, params, batch, None, cfg=CFG, lora_cfg=LORA, response_len=size)
         np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_packed_rows_give_the_bucketed_loss_and_gradient():
+    """Nine samples of 3-16 tokens packed into rows of 32: attention stays within each sample, positions
+    restart, and the loss and adapter gradient equal those of one padded row per sample."""
+    params = base_params()
+    lora = jax.tree.map(lambda x: x + 0.01, init_lora(jax.random.key(1), params, CFG, LORA))
+    rng = np.random.default_rng(3)
+    samples = []
+    for n in (16, 3, 9, 12, 5, 16, 7, 11, 4):
+        answer = np.zeros(n, bool)
+        answer[rng.integers(1, n):] = True
+        samples.append({"tokens": rng.integers(3, CFG.vocab_size, n).astype(np.int32), "loss_mask": answer})
+    rows = pack([len(s["tokens"]) for s in samples], [int(s["loss_mask"].sum()) for s in samples], 32, 16,
+                row_multiple=2)
+    assert len(rows) == 4 and sorted(i for r in rows for i in r) == list(range(9))
+    packed = collate(samples, rows, 32, pad_id=0)
+    padded = collate(samples, [[i] for i in range(9)], 16, pad_id=0)
+    grad = jax.jit(jax.value_and_grad(step_lib.batch_loss), static_argnames=("cfg", "lora_cfg", "response_len"))
+    loss_packed, grad_packed = grad(lora, params, packed, None, cfg=CFG, lora_cfg=LORA, response_len=16)
+    loss_padded, grad_padded = grad(lora, params, padded, None, cfg=CFG, lora_cfg=LORA, response_len=16)
+    np.testing.assert_allclose(loss_packed, loss_padded, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grad_packed, grad_padded)
 
 
 def test_schedule_warmup_then_quadratic_decay():
@@ -74,7 +90,7 @@ def test_schedule_warmup_then_quadratic_decay():
 
 def test_split_micro_keeps_device_blocks_in_every_micro_batch():
     batch = {k: np.arange(8)[:, None].repeat(3, 1) for k in step_lib.BATCH_KEYS}
-    micro = step_lib.split_micro(batch, 2)["tokens"]
+    micro = step_lib.split_micro(batch, 4)["tokens"]  # micro-batches of 4 rows
     assert micro.shape == (2, 4, 3)
     np.testing.assert_array_equal(micro[:, :, 0], [[0, 2, 4, 6], [1, 3, 5, 7]])
 
@@ -90,11 +106,9 @@ def batches(seed: int = 0) -> grain.IterDataset:
         pool[row, p:] = pool[row, p - 1] + np.arange(1, T - p + 1)
 
     def make(i):
-        rows = np.random.default_rng([seed, i]).permutation(8)[:B]
-        pos = np.arange(T)
-        return {"tokens": pool[rows], "positions": np.broadcast_to(pos, (B, T)).astype(np.int32),
-                "attention_mask": pos < lengths[rows, None],
-                "loss_mask": (pos >= prompt[rows, None]) & (pos < lengths[rows, None])}
+        picked = np.random.default_rng([seed, i]).permutation(8)[:B]
+        samples = [{"tokens": pool[r, :lengths[r]], "loss_mask": np.arange(lengths[r]) >= prompt[r]} for r in picked]
+        return collate(samples, [[j] for j in range(B)], T, pad_id=0)
 
     return grain.MapDataset.range(TOTAL).map(make).to_iter_dataset()
 
@@ -111,7 +125,7 @@ def setup(params=None) -> RunSetup:
     params = base_params() if params is None else params
     return RunSetup(model_cfg=CFG, lora_cfg=LORA, params=params,
                     lora=init_lora(jax.random.key(1), params, CFG, LORA), batches=batches(),
-                    total_steps=TOTAL, accum=ACCUM)
+                    total_steps=TOTAL, micro_rows=B // ACCUM)
 
 
 def sft_config(out_dir) -> SFTConfig:
@@ -171,7 +185,7 @@ def test_non_finite_step_leaves_the_state_unchanged():
     placed = place(None, params, init_lora(jax.random.key(1), params, CFG, LORA), tx)
     poisoned = {**params, "final_norm": params["final_norm"].at[0].set(jnp.inf)}
     before = jax.device_get(placed.state)
-    step = step_lib.jit_train_step(CFG, LORA, tx, ACCUM, sft_config("unused").tasks.max_response_tokens,
+    step = step_lib.jit_train_step(CFG, LORA, tx, B // ACCUM, sft_config("unused").tasks.max_response_tokens,
                                    lr=optim.schedule(optim_cfg, TOTAL))
     new, metrics = step(placed.state, poisoned, placed.put_batch(next(iter(batches()))), jax.random.key(0))
     assert not bool(metrics["finite"])
@@ -201,7 +215,7 @@ SHARDED_STEP = textwrap.dedent("""
     results = []
     for mesh in (None, sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))):
         placed = place(mesh, params, lora, tx)
-        fn = step_lib.jit_train_step(t.CFG, t.LORA, tx, t.ACCUM, t.T, placed.shardings)
+        fn = step_lib.jit_train_step(t.CFG, t.LORA, tx, t.B // t.ACCUM, t.T, placed.shardings)
         state, metrics = fn(placed.state, placed.params, placed.put_batch(host_batch), jax.random.key(0))
         if mesh is not None:
             spec = state.params["layers"]["q"]["a"].sharding.spec

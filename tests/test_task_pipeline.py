@@ -9,7 +9,7 @@ from tasks_helpers import LLAMA2, tiny_dataset, tiny_teacher, tiny_tokenizer
 
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.llm.chat import ChatPolicy
-from reclm_jax.tasks.batches import bucket_length, collate, sft_batches
+from reclm_jax.tasks.batches import bucket_length, collate, pack, sft_batches
 from reclm_jax.tasks.encode import cut_shares, display_titles, encode_samples
 from reclm_jax.tasks.samples import Sample, TaskContext
 from reclm_jax.tasks.sharegpt import read_sharegpt
@@ -85,24 +85,53 @@ def test_cut_shares_count_the_samples_encode_cuts(ctx, tokenizer):
     assert cut_shares(samples, policy, 10_000, 10_000) == (0.0, 0.0)
 
 
+SAMPLES = [{"tokens": np.arange(1, 4, dtype=np.int32), "loss_mask": np.array([0, 1, 1], bool)},
+           {"tokens": np.arange(1, 6, dtype=np.int32), "loss_mask": np.array([0, 0, 0, 1, 1], bool)},
+           {"tokens": np.arange(7, 9, dtype=np.int32), "loss_mask": np.array([0, 1], bool)}]
+
+
 def test_collate_pads_to_the_smallest_fitting_bucket():
-    rows = [{"tokens": np.arange(1, 4, dtype=np.int32), "loss_mask": np.array([0, 1, 1], bool)},
-            {"tokens": np.arange(1, 6, dtype=np.int32), "loss_mask": np.array([0, 0, 0, 1, 1], bool)}]
-    b = collate(rows, bucket_length(5, (4, 8, 16)), pad_id=0)
-    assert b["tokens"].shape == (2, 8)
+    b = collate(SAMPLES, [[0], [1], [2]], bucket_length(5, (4, 8, 16)), pad_id=0)
+    assert b["tokens"].shape == (3, 8)
     np.testing.assert_array_equal(b["tokens"][0], [1, 2, 3, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(b["positions"][1], [0, 1, 2, 3, 4, 0, 0, 0])
-    np.testing.assert_array_equal(b["attention_mask"][0], [1, 1, 1, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(b["loss_mask"][1], [0, 0, 0, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 0, 0, 0, 0, 0])
+    # each sample's answer tokens weigh 1 / (its answer tokens x 3 samples)
+    np.testing.assert_allclose(b["loss_weight"][1], [0, 0, 0, 1 / 6, 1 / 6, 0, 0, 0])
+    np.testing.assert_allclose(b["loss_weight"][2], [0, 1 / 3, 0, 0, 0, 0, 0, 0])
     assert bucket_length(9, (4, 8, 16)) == 16
     with pytest.raises(ValueError, match="largest bucket"):
         bucket_length(17, (4, 8, 16))
 
 
-def make_batches(ctx, tokenizer, shard=(0, 1), **cfg):
+def test_pack_fills_rows_first_fit_longest_first():
+    # lengths 3, 5, 2 into rows of 8 tokens with at most 3 answer tokens: 5 first; 3 would fit beside it, but its
+    # answer would make 4, so it opens a row; 2 fits beside 5; rounded up to 4 rows
+    assert pack([3, 5, 2], [2, 2, 1], 8, 3, row_multiple=4) == [[1, 2], [0], [], []]
+    assert pack([3, 5, 2], [2, 2, 1], 10, 5) == [[1, 0, 2]]
+    with pytest.raises(ValueError, match="does not fit a packed row of 4 tokens"):
+        pack([3, 5], [1, 1], 4, 4)
+    b = collate(SAMPLES, [[1, 2], [0]], 8, pad_id=0)
+    np.testing.assert_array_equal(b["tokens"][0], [1, 2, 3, 4, 5, 7, 8, 0])
+    np.testing.assert_array_equal(b["positions"][0], [0, 1, 2, 3, 4, 0, 1, 0])
+    np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 1, 1, 2, 2, 0])
+    np.testing.assert_allclose(b["loss_weight"][0], [0, 0, 0, 1 / 6, 1 / 6, 0, 1 / 3, 0])
+
+
+def make_batches(ctx, tokenizer, shard=(0, 1), row_multiple=1, **cfg):
     cfg = TaskConfig(**{"task_set": "v1", "sharegpt_ratio": 0, "batch_size": 4, "num_epochs": 2, "max_length": 256,
                         "max_response_tokens": 128, "buckets": (64, 128, 256), **cfg})
-    return sft_batches(lambda e: training_samples(ctx, e), ChatPolicy.of(tokenizer), cfg, *shard)
+    return sft_batches(lambda e: training_samples(ctx, e), ChatPolicy.of(tokenizer), cfg, *shard,
+                       row_multiple=row_multiple)
+
+
+def segments(batch):
+    """The (tokens, answer mask) of every sample in a batch, sorted."""
+    out = []
+    for tokens, seg, weight in zip(batch["tokens"], batch["segment_ids"], batch["loss_weight"]):
+        for s in np.unique(seg[seg > 0]):
+            out.append((tokens[seg == s].tolist(), (weight[seg == s] > 0).tolist()))
+    return sorted(out)
 
 
 def as_list(batches):
@@ -124,8 +153,9 @@ def test_pipeline_is_deterministic_bucketed_and_regenerates_each_epoch(ctx, toke
     assert len(a) == per_epoch + len(training_samples(ctx, 1)) // 4
     for b in a:
         assert b["tokens"].shape[0] == 4 and b["tokens"].shape[1] in (64, 128, 256)
-        assert b["loss_mask"].any(axis=1).all()
-        assert not (b["loss_mask"] & ~b["attention_mask"]).any()
+        assert (b["loss_weight"] > 0).any(axis=1).all()
+        assert not ((b["loss_weight"] > 0) & (b["segment_ids"] == 0)).any()
+        np.testing.assert_allclose(b["loss_weight"].sum(), 1.0, rtol=1e-6)
     # epoch 1 holds new samples, not epoch 0 again
     assert training_samples(ctx, 0) != training_samples(ctx, 1)
 
@@ -157,6 +187,23 @@ def test_process_shards_side_by_side_are_the_single_process_batches(ctx, tokeniz
         make_batches(ctx, tokenizer, shard=(3, 3))
 
 
+def test_packed_batches_hold_the_bucketed_batches_samples(ctx, tokenizer):
+    """Packing changes the layout only: each global batch holds the same samples with the same loss weights
+    in whole rows of pack_length (a multiple of row_multiple x processes); 3 processes' packed rows put side
+    by side are the single-process batch."""
+    bucketed = as_list(make_batches(ctx, tokenizer, batch_size=12))
+    packed = as_list(make_batches(ctx, tokenizer, batch_size=12, pack_length=512, row_multiple=3))
+    assert len(packed) == len(bucketed) > 2
+    for b, p in zip(bucketed, packed):
+        assert segments(p) == segments(b)
+        assert p["tokens"].shape[1] == 512 and p["tokens"].shape[0] % 3 == 0
+        np.testing.assert_allclose(np.sort(p["loss_weight"][p["loss_weight"] > 0]),
+                                   np.sort(b["loss_weight"][b["loss_weight"] > 0]))
+    shards = [as_list(make_batches(ctx, tokenizer, shard=(i, 3), pack_length=512)) for i in range(3)]
+    glued = [{k: np.concatenate([s[i][k] for s in shards]) for k in packed[i]} for i in range(len(packed))]
+    assert_same(glued, packed)
+
+
 @pytest.mark.network
 @pytest.mark.parametrize("name,answer_end", [("smollm2-135m", "<|im_end|>"), ("llama2", " </s>")])
 def test_real_chat_templates_mask_exactly_the_answer(name, answer_end):
@@ -181,7 +228,7 @@ def test_sl_batches_mix_in_sharegpt_and_cut_titles(ctx, tokenizer, tmp_path):
     conversations = read_sharegpt(cfg.sharegpt_path)
     batches = list(sft_batches(lambda epoch: training_samples(sl_ctx, epoch, conversations), policy, cfg, 0, 1))
     assert batches and all(b["tokens"].shape[0] == 8 for b in batches)
-    answers = [tokenizer.decode(b["tokens"][i][b["loss_mask"][i]]) for b in batches for i in range(8)]
+    answers = [tokenizer.decode(b["tokens"][i][b["loss_weight"][i] > 0]) for b in batches for i in range(8)]
     assert sum(a == "yo<|im_end|>" for a in answers) > len(answers) / 4  # ShareGPT: 1/3 of the samples
     assert all(len(tokenizer.encode(t.split(" (")[0], add_special_tokens=False)) <= 3 for t in titles)
     assert len(set(titles)) == len(titles)

@@ -14,11 +14,13 @@ randomly. Q and K columns are in the Hugging Face rotate-half layout (each head'
 its second half), so HF import/export needs no permutation.
 
     forward(params, cfg, tokens [B,T] int32, positions [B,T] int32, *, attention_mask=None [B,T] bool,
-            lora=None, lora_cfg=None, cache=None, dropout_rng=None, last_only=False)
+            segment_ids=None [B,T] int32, lora=None, lora_cfg=None, cache=None, dropout_rng=None, last_only=False)
         -> (logits [B,T,V] float32 ([B,1,V] if last_only), hidden [B,T,D] (after the final norm), cache)
 
 `positions` are RoPE positions that count real tokens only (`positions_from_mask`); `attention_mask` marks
-real tokens (None = all real). Without a cache, attention is causal over the T tokens given. With a cache
+real tokens (None = all real). Without a cache, attention is causal over the T tokens given, and with
+`segment_ids` only between tokens of the same segment (several samples packed in one row, each with its own
+positions). With a cache
 (`init_cache(cfg, batch, max_len)`), the T tokens are written at slots `cache["index"] ...` and attend to all
 earlier real slots; the returned cache has them added. Cache pytree:
 
@@ -160,6 +162,7 @@ def forward(
     positions: jax.Array,
     *,
     attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     lora: Params | None = None,
     lora_cfg: LoraConfig | None = None,
     cache: dict[str, jax.Array] | None = None,
@@ -185,6 +188,8 @@ def forward(
     if cache is None:
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal[None] & attention_mask[:, None, :]
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
 
         def block(h, xs):
             layer, adapter, rng = xs
@@ -196,6 +201,8 @@ def forward(
         h, _ = jax.lax.scan(block, h, (params["layers"], layer_adapters, layer_rngs))
         new_cache = None
     else:
+        if segment_ids is not None:
+            raise ValueError("forward: segment_ids (packed rows) are for training passes, not with a cache")
         index = cache["index"]
         cache_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, index))
         slots = jnp.arange(cache_mask.shape[1])

@@ -29,7 +29,8 @@ SFT_OPTIM = OptimConfig(lr=1e-3, schedule="polynomial", warmup_ratio=0.0125, wei
 class TrainConfig(Section):
     seed: int = 0  # the adapter's initial `a` matrices, LoRA dropout masks (and random base weights)
     global_batch: Count = 64  # samples per optimiser step over all processes (the paper)
-    # samples per forward/backward on each process (over all its devices); gradients accumulate to global_batch
+    # rows per forward/backward on each process (over all its devices; a row is a sample, or with tasks.pack_length
+    # a packed row of samples); gradients accumulate to global_batch
     micro_batch: Count = 8
     steps: Count | None = None  # optimiser steps; None: tasks.num_epochs epochs of training samples
     peak_tflops: float | None = None  # per-device peak for MFU; None: the table in run_log by device kind

@@ -28,19 +28,7 @@ from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
-BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
-
-
-def response_loss(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(loss, per-sample losses [B]) from response-token log-probs [B, R] and their validity mask [B, R].
-
-    A sample's loss is the mean cross-entropy of its response tokens; the loss is the mean over samples, so
-    long and short answers weigh the same (the paper's reference code). A sample without response tokens
-    counts as 0.
-    """
-    mask = mask.astype(jnp.float32)
-    per_sample = -(logprobs * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
-    return per_sample.mean(), per_sample
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_weight")  # `tasks.batches`' layout
 
 
 def response_positions(loss_mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
@@ -55,44 +43,46 @@ def response_positions(loss_mask: jax.Array, size: int) -> tuple[jax.Array, jax.
 
 def batch_loss(lora: Params, params: Params, batch: dict[str, jax.Array], dropout_rng: jax.Array | None, *,
                cfg: LlamaConfig, lora_cfg: LoraConfig, response_len: int) -> jax.Array:
-    """The response loss, with vocabulary logits computed only at the (at most `response_len`) positions per
-    row that predict response tokens: at every position they would cost a third of the forward pass."""
-    tokens, attention_mask = batch["tokens"], batch["attention_mask"]
+    """The sum of the response tokens' cross-entropies times their `loss_weight` (summed over a global batch:
+    the mean over samples of each sample's mean, so long and short answers weigh the same, as in the paper's
+    reference code). Vocabulary logits are computed only at the (at most `response_len`) positions per row
+    that predict response tokens: at every position they would cost a third of the forward pass."""
+    tokens, segments = batch["tokens"], batch["segment_ids"]
     head_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, cfg.num_layers)
-    _, hidden, _ = model.forward(params, cfg, tokens, model.positions_from_mask(attention_mask),
-                                 attention_mask=attention_mask, lora=lora, lora_cfg=lora_cfg,
+    _, hidden, _ = model.forward(params, cfg, tokens, batch["positions"], attention_mask=segments > 0,
+                                 segment_ids=segments, lora=lora, lora_cfg=lora_cfg,
                                  dropout_rng=dropout_rng)  # its all-position logits are unused: XLA drops them
-    idx, valid = response_positions(batch["loss_mask"], response_len)
+    idx, valid = response_positions(batch["loss_weight"] > 0, response_len)
     states = jnp.take_along_axis(hidden, idx[..., None], axis=1)
     logits = model.lm_logits(params, cfg, states, lora, lora_cfg, head_rng)
     targets = jnp.take_along_axis(tokens[:, 1:], idx, axis=1)
+    weights = jnp.where(valid, jnp.take_along_axis(batch["loss_weight"][:, 1:], idx, axis=1), 0.0)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return response_loss(picked - jax.nn.logsumexp(logits, axis=-1), valid)[0]
+    return -((picked - jax.nn.logsumexp(logits, axis=-1)) * weights).sum()
 
 
 def init_state(lora: Params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), lora, tx.init(lora))
 
 
-def split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
-    """[B, T] -> [accum, B / accum, T]; micro-batch i holds rows i, i + accum, ... so that a batch sharded in
-    contiguous blocks over devices stays sharded the same way within every micro-batch."""
-    def split(x):
-        b = x.shape[0]
-        if b % accum:
-            raise ValueError(f"batch of {b} rows does not split into {accum} micro-batches")
-        return x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-
-    return {k: split(batch[k]) for k in BATCH_KEYS}
+def split_micro(batch: dict[str, jax.Array], micro_rows: int) -> dict[str, jax.Array]:
+    """[B, T] -> [B / micro_rows, micro_rows, T]; with accum = B / micro_rows micro-batches, micro-batch i holds
+    rows i, i + accum, ... so that a batch sharded in contiguous blocks over devices stays sharded the same way
+    within every micro-batch."""
+    b = batch["tokens"].shape[0]
+    if b % micro_rows:
+        raise ValueError(f"batch of {b} rows does not split into micro-batches of {micro_rows} rows")
+    return {k: batch[k].reshape(micro_rows, b // micro_rows, *batch[k].shape[1:]).swapaxes(0, 1)
+            for k in BATCH_KEYS}
 
 
 def train_step(state: TrainState, params: Params, batch: dict[str, jax.Array], dropout_key: jax.Array, *,
-               cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, accum: int,
+               cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, micro_rows: int,
                response_len: int, lr: optax.Schedule | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on `batch` ([B, T] arrays, B = accum x micro-batch) whose responses have at most
-    `response_len` tokens. Dropout masks come from `dropout_key` folded with the step and micro-batch index,
-    so a resumed run draws the same masks. `lr`, the optimiser's schedule, only adds the step's learning
-    rate to the metrics."""
+    """One optimiser step on `batch` (`tasks.batches`' [B, T] arrays of a global batch, run in micro-batches
+    of `micro_rows` rows) whose rows have at most `response_len` response tokens. Dropout masks come from
+    `dropout_key` folded with the step and micro-batch index, so a resumed run draws the same masks. `lr`,
+    the optimiser's schedule, only adds the step's learning rate to the metrics."""
     step_key = jax.random.fold_in(dropout_key, state.step)
     grad_fn = jax.value_and_grad(functools.partial(batch_loss, cfg=cfg, lora_cfg=lora_cfg,
                                                     response_len=response_len))
@@ -102,18 +92,19 @@ def train_step(state: TrainState, params: Params, batch: dict[str, jax.Array], d
         loss, g = grad_fn(state.params, params, micro, jax.random.fold_in(step_key, i))
         return jax.tree.map(jnp.add, grads, g), loss
 
+    micro = split_micro(batch, micro_rows)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, losses = jax.lax.scan(micro_step, zeros, (split_micro(batch, accum), jnp.arange(accum)))
-    # Equal-size micro-batches: the mean of their per-sample means is the global batch's.
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    loss = losses.mean()
+    # The loss weights are normalised over the global batch: its loss and gradient are the micro-batches' sums.
+    grads, losses = jax.lax.scan(micro_step, zeros, (micro, jnp.arange(micro["tokens"].shape[0])))
+    loss = losses.sum()
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-               "tokens": batch["attention_mask"].sum(), "response_tokens": batch["loss_mask"].sum()}
+    real = batch["segment_ids"] > 0
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": real.sum(),
+               "response_tokens": (batch["loss_weight"] > 0).sum(), "samples": (real & (batch["positions"] == 0)).sum()}
     if lr is not None:
         metrics["lr"] = lr(state.step)
     return new, metrics
@@ -133,13 +124,13 @@ def train_shardings(mesh: Mesh, params: Params, lora: Params, tx: optax.Gradient
     return state_sh, sharding.param_shardings(params, mesh), batch_sh
 
 
-def jit_train_step(cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, accum: int,
+def jit_train_step(cfg: LlamaConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, micro_rows: int,
                    response_len: int, shardings: tuple[Any, Any, Any] | None = None,
                    lr: optax.Schedule | None = None, mesh: Mesh | None = None):
     """`train_step` jitted with the configs static and the state donated. `shardings` = (state, params,
     batch) shardings (pytrees of `jax.sharding.Sharding`) pins the layouts on a mesh; None lets inputs'
     placements decide (one device). On a `mesh`, activations are pinned to its batch axes (true FSDP)."""
-    fn = functools.partial(train_step, cfg=cfg, lora_cfg=lora_cfg, tx=tx, accum=accum,
+    fn = functools.partial(train_step, cfg=cfg, lora_cfg=lora_cfg, tx=tx, micro_rows=micro_rows,
                            response_len=response_len, lr=lr)
     if mesh is not None:
         fn = _under_mesh(fn, mesh)

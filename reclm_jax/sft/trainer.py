@@ -65,7 +65,7 @@ class RunSetup:
     lora: Params  # the fresh adapter (replaced by the checkpoint's when resuming)
     batches: grain.IterDataset  # this process's batches of [per_process_batch, T] numpy arrays
     total_steps: int
-    accum: int  # micro-batches per step
+    micro_rows: int  # batch rows per forward/backward pass, over all processes
     # (placed base params, adapter, step) -> {"<task>/<metric>": mean}
     validate: Callable[[Params, Params, int], dict[str, float]] | None = None
     mesh: Mesh | None = None  # None: the default device
@@ -103,8 +103,8 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
     run = run or RunDir(cfg.out_dir, cfg, may_change=MAY_CHANGE)
     tx = optim.optimizer(cfg.optim, setup.total_steps)
     placed = place(setup.mesh, setup.params, setup.lora, tx)
-    train_step = step_lib.jit_train_step(setup.model_cfg, setup.lora_cfg, tx, setup.accum,
-                                         cfg.tasks.max_response_tokens, placed.shardings,
+    train_step = step_lib.jit_train_step(setup.model_cfg, setup.lora_cfg, tx, setup.micro_rows,
+                                         cfg.tasks.answer_tokens_per_row, placed.shardings,
                                          lr=optim.schedule(cfg.optim, setup.total_steps), mesh=setup.mesh)
     dropout_key = jax.random.key(cfg.train.seed)
 
@@ -114,7 +114,8 @@ def train(setup: RunSetup, cfg: SFTConfig, *, run: RunDir | None = None, progres
         padded = int(np.prod(host_batch["tokens"].shape)) * jax.process_count()
         return state, {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                        "lr": float(metrics["lr"]), "response_tokens": int(metrics["response_tokens"]),
-                       "finite": bool(metrics["finite"]), "tokens": int(metrics["tokens"]),
+                       "samples": int(metrics["samples"]), "finite": bool(metrics["finite"]),
+                       "tokens": int(metrics["tokens"]),
                        "flops": setup.model_cfg.train_flops_per_token(host_batch["tokens"].shape[1]) * padded}
 
     validate = None
@@ -133,17 +134,17 @@ def epoch_steps(samples_per_epoch: int, cfg: SFTConfig) -> int:
     return cfg.tasks.num_epochs * samples_per_epoch // cfg.train.global_batch
 
 
-def batch_sizes(cfg: SFTConfig) -> tuple[int, int]:
-    """(samples per step on this process, micro-batches per step)."""
+def batch_sizes(cfg: SFTConfig) -> int:
+    """Samples per step on this process (when packed, the rows they fill vary from step to step)."""
     procs = jax.process_count()
     if cfg.train.global_batch % procs:
         raise ValueError(f"train.global_batch ({cfg.train.global_batch}) must be a multiple of the number of "
                          f"processes ({procs})")
     per_process = cfg.train.global_batch // procs
-    if per_process % cfg.train.micro_batch:
+    if cfg.tasks.pack_length is None and per_process % cfg.train.micro_batch:
         raise ValueError(f"train.global_batch / processes ({per_process}) must be a multiple of train.micro_batch "
                          f"({cfg.train.micro_batch})")
-    return per_process, per_process // cfg.train.micro_batch
+    return per_process
 
 
 def check_inputs(cfg: SFTConfig) -> None:
@@ -178,7 +179,7 @@ def run(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Result
     run_dir = RunDir(cfg.out_dir, cfg, resume=resume, may_change=MAY_CHANGE)
     check_inputs(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
-    per_process, accum = batch_sizes(cfg)
+    per_process = batch_sizes(cfg)
     tasks_cfg = replace(cfg.tasks, batch_size=per_process)
 
     policy = ChatPolicy.load(cfg.model.tokenizer)
@@ -222,7 +223,8 @@ def run(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Result
             return metrics
 
     setup = RunSetup(model_cfg=model_cfg, lora_cfg=lora_cfg, params=params, lora=lora,
-                     batches=sft_batches(build_epoch, policy, tasks_cfg), total_steps=steps, accum=accum,
+                     batches=sft_batches(build_epoch, policy, tasks_cfg, row_multiple=cfg.train.micro_batch),
+                     total_steps=steps, micro_rows=cfg.train.micro_batch * jax.process_count(),
                      validate=validate, mesh=mesh)
     result = train(setup, cfg, run=run_dir, progress=progress)
     adapter = multihost_utils.process_allgather(result.state.params, tiled=True)  # every host takes part

@@ -1,4 +1,4 @@
-"""The SL input pipeline (grain): samples regenerated each epoch -> tokens -> padded, bucketed batches.
+"""The SL input pipeline (grain): samples regenerated each epoch -> tokens -> bucketed or packed batches.
 
 - Deterministic: epoch e's samples depend only on (seed, e) (the teacher is deterministic), read in order.
 - Sharded: global batch i is samples [i*G, (i+1)*G) of the stream (G = cfg.batch_size * P processes);
@@ -6,16 +6,22 @@
   batch a single process with batch size G reads, and every process yields the same number of batches.
 - Checkpointable: the iterator's state is {"epoch", "position"} in the stream (plus what grain's batching
   keeps); `get_state()` / `set_state()` resume exactly, rebuilding that epoch's samples.
-- Bucketed: a batch is padded on the right to the smallest of cfg.buckets that holds the longest sample of
-  the whole global batch, so every process pads to the same length (their arrays form one global batch)
-  and the training step compiles for a few shapes only.
+- Bucketed (the default): a batch is padded on the right to the smallest of cfg.buckets that holds the longest
+  sample of the whole global batch, so every process pads to the same length (their arrays form one global
+  batch) and the training step compiles for a few shapes only.
+- Packed (cfg.pack_length set): the global batch's samples are packed first-fit, longest first, into rows of
+  cfg.pack_length tokens holding at most cfg.answer_tokens_per_row answer tokens each; the row count is rounded
+  up to a multiple of `row_multiple` (micro-batch rows x processes), so a step compiles for a few row counts.
+  A step still trains on exactly the same samples with the same loss: only the padding differs.
 
-A batch is a dict of numpy arrays [batch_size, bucket]:
-  tokens     int32  token ids (padding: the `ChatPolicy`'s pad id)
-  positions  int32  0, 1, ... along each sample (0 on padding)
-  attention_mask bool  real tokens
-  loss_mask  bool   tokens that are response tokens (the answer and its EOS): the loss is on predicting
-                    tokens[:, t] from the logits at t - 1 wherever loss_mask[:, t]
+A batch is a dict of numpy arrays [rows, length] (rows = batch_size samples when bucketed):
+  tokens       int32    token ids (padding: the `ChatPolicy`'s pad id)
+  positions    int32    0, 1, ... along each sample (0 on padding)
+  segment_ids  int32    1, 2, ... for the samples of a row, 0 on padding: attention stays within a segment
+  loss_weight  float32  on each response token (the answer and its EOS) 1 / (its sample's response tokens x
+                        the samples of the global batch), 0 elsewhere, so the sum of weighted token losses over
+                        all rows of all processes is the mean over samples of each sample's mean token loss;
+                        the loss is on predicting tokens[:, t] from the logits at t - 1
 Samples that do not fit cfg.max_length are cut by `encode_samples`, never dropped.
 """
 
@@ -79,40 +85,73 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"a sample of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
-def collate(rows: Sequence[dict[str, np.ndarray]], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad encoded samples to `length` tokens (at least the longest's)."""
-    b = len(rows)
-    out = {
-        "tokens": np.full((b, length), pad_id, np.int32),
-        "positions": np.zeros((b, length), np.int32),
-        "attention_mask": np.zeros((b, length), bool),
-        "loss_mask": np.zeros((b, length), bool),
-    }
-    for i, r in enumerate(rows):
-        n = len(r["tokens"])
-        out["tokens"][i, :n] = r["tokens"]
-        out["positions"][i, :n] = np.arange(n)
-        out["attention_mask"][i, :n] = True
-        out["loss_mask"][i, :n] = r["loss_mask"]
+def pack(lengths: Sequence[int], answers: Sequence[int], length: int, answer_budget: int,
+         row_multiple: int = 1) -> list[list[int]]:
+    """Sample indices per row: first-fit, longest first (ties in sample order), into rows of `length` tokens
+    with at most `answer_budget` answer tokens; empty rows are added up to a multiple of `row_multiple`."""
+    rows: list[list[int]] = []
+    used: list[list[int]] = []  # per row: [tokens, answer tokens]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > length or answers[i] > answer_budget:
+            raise ValueError(f"a sample of {lengths[i]} tokens ({answers[i]} answer tokens) does not fit a packed "
+                             f"row of {length} tokens and {answer_budget} answer tokens")
+        for row, u in zip(rows, used):
+            if u[0] + lengths[i] <= length and u[1] + answers[i] <= answer_budget:
+                row.append(i)
+                u[0] += lengths[i]
+                u[1] += answers[i]
+                break
+        else:
+            rows.append([i])
+            used.append([lengths[i], answers[i]])
+    return rows + [[] for _ in range(-len(rows) % row_multiple)]
+
+
+def collate(samples: Sequence[dict[str, np.ndarray]], rows: Sequence[Sequence[int]], length: int,
+            pad_id: int) -> dict[str, np.ndarray]:
+    """The batch arrays (module docstring) of encoded `samples` laid out as `rows` (sample indices per row,
+    in order), right-padded to `length` tokens."""
+    shape = (len(rows), length)
+    out = {"tokens": np.full(shape, pad_id, np.int32), "positions": np.zeros(shape, np.int32),
+           "segment_ids": np.zeros(shape, np.int32), "loss_weight": np.zeros(shape, np.float32)}
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(members, 1):
+            tokens, answer = samples[i]["tokens"], samples[i]["loss_mask"]
+            span = slice(start, start + len(tokens))
+            out["tokens"][r, span] = tokens
+            out["positions"][r, span] = np.arange(len(tokens))
+            out["segment_ids"][r, span] = segment
+            out["loss_weight"][r, span] = answer / (max(int(answer.sum()), 1) * len(samples))
+            start += len(tokens)
     return out
 
 
 def sft_batches(build_epoch: Callable[[int], list[Sample]], policy: ChatPolicy, cfg: TaskConfig,
-                shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+                shard_index: int | None = None, shard_count: int | None = None,
+                row_multiple: int = 1) -> grain.IterDataset:
     """This process's batches of cfg.batch_size samples (an incomplete last global batch is dropped), tokenised
     a batch at a time and prepared cfg.prefetch batches ahead in a thread. Shards default to
-    jax.process_index() / jax.process_count()."""
+    jax.process_index() / jax.process_count(). Packed rows are rounded up to `row_multiple` per process."""
     if shard_index is None or shard_count is None:
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in 0..{shard_count - 1}")
-    mine = slice(shard_index * cfg.batch_size, (shard_index + 1) * cfg.batch_size)
 
     def encode_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
-        # Every process encodes the whole global batch: its longest sample sets the one bucket all pad to.
-        rows = encode_samples(list(samples), policy, cfg.max_length, cfg.max_response_tokens)
-        length = bucket_length(max(len(r["tokens"]) for r in rows), cfg.buckets)
-        return collate(rows[mine], length, policy.pad_id)
+        # Every process lays out the whole global batch (its longest sample sets the one bucket all pad to;
+        # its packing the rows all share), then takes its own rows.
+        encoded = encode_samples(list(samples), policy, cfg.max_length, cfg.max_response_tokens)
+        if cfg.pack_length is None:
+            rows = [[i] for i in range(len(encoded))]
+            length = bucket_length(max(len(r["tokens"]) for r in encoded), cfg.buckets)
+        else:
+            rows = pack([len(r["tokens"]) for r in encoded], [int(r["loss_mask"].sum()) for r in encoded],
+                        cfg.pack_length, cfg.answer_tokens_per_row, row_multiple * shard_count)
+            length = cfg.pack_length
+        batch = collate(encoded, rows, length, policy.pad_id)
+        per_process = len(rows) // shard_count
+        return {k: v[shard_index * per_process:(shard_index + 1) * per_process] for k, v in batch.items()}
 
     ds = EpochSamples(build_epoch, cfg.num_epochs).batch(cfg.batch_size * shard_count, drop_remainder=True,
                                                          batch_fn=encode_batch)

@@ -37,6 +37,9 @@ class TaskConfig(Section):
     # input pipeline
     batch_size: Count = 8  # samples per batch on each process (the paper: 64 = this x processes x accumulation)
     buckets: tuple[int, ...] = (128, 256, 512, 1024)  # a batch is padded to the smallest bucket that fits
+    # pack each batch's samples into rows of this many tokens (>= max_length) instead of padding every sample to
+    # a bucket: the same samples and loss per step, fewer padding tokens when sample lengths vary (tasks.batches)
+    pack_length: Count | None = None
     num_epochs: Count = 30  # SL converged around 30 epochs in the paper
     prefetch: NonNegativeInt = 2  # batches prepared ahead in a background thread (0: none)
     teacher_batch: Count = 512  # users per teacher query
@@ -64,11 +67,22 @@ class TaskConfig(Section):
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[-1] < self.max_length:
             raise ValueError(f"buckets must be increasing and end at >= max_length ({self.max_length}), "
                              f"got {self.buckets}")
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ValueError(f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length}): "
+                             "every sample has to fit a packed row")
         if self.max_response_tokens >= self.max_length:
             raise ValueError(f"max_response_tokens ({self.max_response_tokens}) must be below "
                              f"max_length ({self.max_length})")
         if self.labels == "history" and self.task_set != "v1":
             raise ValueError("labels=history (PALR-style) defines labels for I0 only: use task_set=v1")
+
+    @property
+    def answer_tokens_per_row(self) -> int:
+        """The most answer tokens in a batch row, where the SFT loss computes vocabulary logits: one sample's
+        answer when bucketed; when packed, half a row (or one longest answer, if that is more)."""
+        if self.pack_length is None:
+            return self.max_response_tokens
+        return max(self.pack_length // 2, self.max_response_tokens)
 
     @property
     def tasks(self) -> tuple[str, ...]:
