@@ -186,6 +186,8 @@ def test_rl_prompts_cover_every_kind_with_k_in_range(data):
     assert {s.control.kind for s in prompts} == {"seq", "+c", "-c", "<=", ">=", "~"}
     assert all(6 <= s.k <= 10 and s.response == "" and s.target >= 0 for s in prompts)
     assert prompts == rl_prompts(ctx_for(data), 0)
+    only = rl_prompts(ctx_for(data, rl_kinds=("-c", "~")), 0)
+    assert {s.control.kind for s in only} == {"-c", "~"} and len(only) == len(prompts)
 
 
 # ---- fixed valid / test sets ------------------------------------------------------------------------
@@ -297,6 +299,9 @@ def test_templates_with_unknown_placeholders_are_rejected(tmp_path):
         ({"buckets": (128, 256)}, "buckets"),
         ({"proportions": (0.0, 0.5)}, "proportions"),
         ({"rl_k": (7, 6)}, "rl_k"),
+        ({"rl_kinds": ("-c", "nope")}, "rl_kinds"),
+        ({"rl_kinds": ()}, "rl_kinds"),
+        ({"max_length": 512, "pack_length": 256}, "pack_length"),
         ({"seed": -1}, "seed"),
         ({"min_k": 6, "max_k": 5}, "min_k"),
         ({"task_set": "v1", "train_tasks": ("seqrec", "control")}, "train_tasks"),

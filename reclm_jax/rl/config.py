@@ -20,7 +20,7 @@ from reclm_jax.llm.config import LoraConfig
 from reclm_jax.llm.sharding import MeshConfig
 from reclm_jax.rl.rewards import RewardOptions
 from reclm_jax.sft.config import ModelConfig
-from reclm_jax.tasks.config import TaskConfig
+from reclm_jax.tasks.config import RL_KINDS, TaskConfig
 from reclm_jax.training.loop import CheckpointConfig
 from reclm_jax.training.optim import OptimConfig
 
@@ -35,19 +35,21 @@ class ModelSection(ModelConfig):
 
 @dataclass(frozen=True)
 class PromptSection(Section):
-    """The RL prompts (`tasks.training.rl_prompts`): one per user per epoch, I0/+C/-C/<=/>=/~ uniform."""
+    """The RL prompts (`tasks.training.rl_prompts`): one per user per epoch, the `kinds` uniform."""
 
     seed: int = 0
     k: tuple[int, int] = (6, 10)  # k uniform in this range (the official code)
+    kinds: tuple[str, ...] = RL_KINDS  # the instructions drawn uniformly: seq (I0), +c, -c, <=, >=, ~ (the paper: all)
     max_history: int = 10
     max_title_tokens: int = 64  # titles shown (and matched) as SFT shows them: cut to this many tokens
 
     def tasks(self) -> TaskConfig:
         return TaskConfig(seed=self.seed, task_set="v1", sharegpt_ratio=0.0, rl_k=tuple(self.k),
-                          max_history=self.max_history, max_title_tokens=self.max_title_tokens)
+                          rl_kinds=tuple(self.kinds), max_history=self.max_history,
+                          max_title_tokens=self.max_title_tokens)
 
     def check(self) -> None:
-        self.tasks()  # TaskConfig's rules (the same names, except k, which is its rl_k)
+        self.tasks()  # TaskConfig's rules (the same names, except k and kinds, which are its rl_k and rl_kinds)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from reclm_jax.config import Count, NonNegative, NonNegativeInt, Section
 
+RL_KINDS = ("seq", "+c", "-c", "<=", ">=", "~")  # the RL prompts' instructions: I0, I1 +/-C, I2 <=, >=, ~
 TASK_SETS = {
     "v1": ("seqrec",),  # the paper's Ours_v1: I0 only
     "v2": ("seqrec", "control", "proportion", "search", "sharegpt"),  # Ours_v2: I0-I4
@@ -45,6 +46,7 @@ class TaskConfig(Section):
     teacher_batch: Count = 512  # users per teacher query
     # RL prompts and the fixed valid/test tasks
     rl_k: tuple[int, int] = (6, 10)  # RL prompt k is uniform in this range (the reference)
+    rl_kinds: tuple[str, ...] = RL_KINDS  # the RL prompts' instructions, drawn uniformly (the paper: all six)
     valid_users: Count = 320  # users per valid task (the paper)
     test_users: Count | None = None  # users per test task; None: all (the paper)
     test_k: Count = 10
@@ -58,6 +60,9 @@ class TaskConfig(Section):
             if not self.train_tasks or outside:
                 raise ValueError(f"train_tasks must be a non-empty subset of task set {self.task_set}'s "
                                  f"{list(TASK_SETS[self.task_set])}, got {list(self.train_tasks)}")
+        kinds = self.rl_kinds
+        if not kinds or not set(kinds) <= set(RL_KINDS) or len(set(kinds)) < len(kinds):
+            raise ValueError(f"rl_kinds must be distinct kinds from {list(RL_KINDS)}, got {list(self.rl_kinds)}")
         if not self.proportions or not all(0.0 < x < 1.0 for x in self.proportions):
             raise ValueError(f"proportions must be fractions strictly between 0 and 1, got {self.proportions}")
         for name in ("rl_k", "item_count_k"):

@@ -15,7 +15,6 @@ import numpy as np
 from reclm_jax.tasks.samples import Sample, TaskContext, recommendation_samples, search_samples, train_examples
 from reclm_jax.tasks.sharegpt import Conversations, sharegpt_samples
 
-RL_KINDS = ("seq", "+c", "-c", "<=", ">=", "~")
 
 
 def task_rng(seed: int, epoch: int, name: str) -> np.random.Generator:
@@ -43,13 +42,14 @@ def training_samples(ctx: TaskContext, epoch: int, conversations: Conversations 
 
 def rl_prompts(ctx: TaskContext, epoch: int) -> list[Sample]:
     """RL-stage prompts (no response): one per user from the train part, the control kind uniform over
-    I0, +C, -C, <=, >=, ~ and k uniform in cfg.rl_k, generate form, drawn as the SL tasks draw them."""
+    cfg.rl_kinds (the paper: I0, +C, -C, <=, >=, ~) and k uniform in cfg.rl_k, generate form, drawn as the SL
+    tasks draw them."""
     rng = task_rng(ctx.cfg.seed, epoch, "rl")
     examples = train_examples(ctx.dataset, ctx.cfg.max_history, rng)
     groups = {"seq": "seqrec", "+c": "control", "-c": "control"}
     out = []
-    kinds = [RL_KINDS[int(i)] for i in rng.integers(len(RL_KINDS), size=len(examples))]
-    for kind in RL_KINDS:
+    kinds = [ctx.cfg.rl_kinds[int(i)] for i in rng.integers(len(ctx.cfg.rl_kinds), size=len(examples))]
+    for kind in ctx.cfg.rl_kinds:
         chosen = [ex for ex, kd in zip(examples, kinds) if kd == kind]
         out += recommendation_samples(ctx, groups.get(kind, "proportion"), chosen, rng, k_range=ctx.cfg.rl_k,
                                       with_labels=False, kinds=(kind,))
