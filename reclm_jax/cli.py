@@ -236,6 +236,8 @@ def _evaluate(sub) -> None:
     ev.add_argument("--out", required=True, help="output directory: tables.md/.json, table*.csv/.png, runs/")
     ev.add_argument("--limit", type=int, help="test users per task (a seeded random subset; default: all)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the test set (users, categories, templates)")
+    ev.add_argument("--max-history", type=int, default=10,
+                    help="history items per test prompt (the paper: 10; match what the model was trained with)")
     ev.add_argument("--tasks", metavar="TASK,...", help="only these test tasks, comma-separated, e.g. seqrec,+c,-c "
                     "(default: all; an unknown name gets the list)")
     ev.add_argument("--batch-size", type=int, default=16, help="answers decoded together")

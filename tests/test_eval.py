@@ -134,15 +134,15 @@ ROWS = [
     ("base", {"seqrec": {"HR@K": est(0.01, 20), "NDCG@K": est(0.005, 20), "HR@5": est(0.0, 20),
                          "NDCG@5": est(0.0, 20)},
               "+c": {"HR@K": est(0.02, 18), "NDCG@K": est(0.01, 18), "TCP@K": est(4.5, 18, 1.25, 9.0),
-                     "TCP@K/no_control": est(2.25, 18, 0.0, 5.0)},
+                     "TCP@K/no_control": est(2.25, 18, 0.0, 5.0), "NonExist@K": est(20.0, 18)},
               "-c": {"HR@K": est(0.03, 18), "NDCG@K": est(0.02, 18), "TCP@K": est(11.0, 18),
-                     "TCP@K/no_control": est(18.5, 18)}}),
+                     "TCP@K/no_control": est(18.5, 18), "NonExist@K": est(30.0, 18)}}),
     ("ours", {"seqrec": {"HR@K": est(0.11, 20), "NDCG@K": est(0.095, 20), "HR@5": est(0.1, 20),
                          "NDCG@5": est(0.07, 20)},
               "+c": {"HR@K": est(0.25, 18), "NDCG@K": est(0.18, 18), "TCP@K": est(93.5, 18),
-                     "TCP@K/no_control": est(7.75, 18)},
+                     "TCP@K/no_control": est(7.75, 18), "NonExist@K": est(5.0, 18)},
               "-c": {"HR@K": est(0.10, 17), "NDCG@K": est(0.07, 17), "TCP@K": est(5.0, 17, 2.0, 8.25),
-                     "TCP@K/no_control": est(38.0, 17)}}),
+                     "TCP@K/no_control": est(38.0, 17), "NonExist@K": est(10.0, 17)}}),
 ]
 
 
@@ -159,8 +159,9 @@ def test_markdown_values_intervals_users_order_emphasis_and_missing_cells():
     assert not any(line.startswith("| SASRec") for line in t3)  # no cell of Table 3 applies to the teacher
     base, ours = t3[4], t3[5]
     assert base.split(" | ")[3] == "<u>4.5</u> [1.2, 9.0] (2.2 [0.0, 5.0]) n=18"  # Python rounds half to even
-    # -C's TCP is lower-is-better: 5.0 is the best
-    assert ours.endswith("| **5.0** [2.0, 8.2] (38.0 [38.0, 38.0]) n=17 |")
+    # -C's TCP is lower-is-better: 5.0 is the best; each control's NonExist@10 follows its TCP
+    assert ours.split(" | ")[-2] == "**5.0** [2.0, 8.2] (38.0 [38.0, 38.0]) n=17"
+    assert ours.endswith("| **10.0** [10.0, 10.0] n=17 |") and base.split(" | ")[4] == "<u>20.0</u> [20.0, 20.0] n=18"
     lenient = T.markdown(TABLE["table3"], ROWS, "lenient+fuzzy<=3").splitlines()[0]
     assert lenient.endswith("[titles matched lenient+fuzzy<=3: some invented titles count as real]")
 
@@ -171,7 +172,7 @@ def test_records_csv_json_and_charts(tmp_path):
     assert [r["model"] for r in recs] == ["base", "ours", "partial"]
     assert recs[1]["+C TCP@10 (%) ↑"] == est(93.5, 18) and recs[1]["+C TCP@10 (%) ↑ (no control)"] == est(7.75, 18)
     assert recs[2]["+C TCP@10 (%) ↑"] is None and recs[2]["-C HR@10"] is None
-    partial = "| partial | **0.300** [0.300, 0.300] n=5 | **0.200** [0.200, 0.200] n=5 | – | – | – | – |"
+    partial = "| partial | **0.300** [0.300, 0.300] n=5 | **0.200** [0.200, 0.200] n=5 | – | – | – | – | – | – |"
     assert partial in T.markdown(TABLE["table3"], rows)
     written = T.write_tables(rows, tmp_path, title_match="lenient")
     assert set(written) == {"table2", "table3"}  # tables without any row are left out
@@ -320,6 +321,8 @@ def test_evaluate_command_writes_tables_and_reuses_results(tiny_model_dir, teach
         run_cli(argv + ["--name", "x"])
     with pytest.raises(UserError, match="--lora ',' names no adapter"):
         run_cli(argv[:-4] + ["--lora", ","])
+    with pytest.raises(UserError, match="max_history"):
+        run_cli(argv + ["--max-history", "0"])
 
 
 # ---- recommend ---------------------------------------------------------------------------------------

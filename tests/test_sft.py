@@ -95,9 +95,10 @@ def test_split_micro_keeps_device_blocks_in_every_micro_batch():
     np.testing.assert_array_equal(micro[:, :, 0], [[0, 2, 4, 6], [1, 3, 5, 7]])
 
 
-def batches(seed: int = 0) -> grain.IterDataset:
+def batches(seed: int = 0, packed: bool = False) -> grain.IterDataset:
     """Batches drawn from a pool of 8 fixed samples (a random prompt, then a response to learn: counting up
-    from the prompt's last token), different per step."""
+    from the prompt's last token), different per step; one row per sample, or `packed` into rows of 2T tokens
+    (an even number of rows, which varies between steps)."""
     rng = np.random.default_rng(seed)
     pool = rng.integers(3, CFG.vocab_size - T, (8, T)).astype(np.int32)
     lengths = np.array([16, 14, 12, 16, 10, 15, 13, 16])
@@ -108,6 +109,9 @@ def batches(seed: int = 0) -> grain.IterDataset:
     def make(i):
         picked = np.random.default_rng([seed, i]).permutation(8)[:B]
         samples = [{"tokens": pool[r, :lengths[r]], "loss_mask": np.arange(lengths[r]) >= prompt[r]} for r in picked]
+        if packed:
+            return collate(samples, pack(lengths[picked], [s["loss_mask"].sum() for s in samples], 2 * T, T, 2),
+                           2 * T, pad_id=0)
         return collate(samples, [[j] for j in range(B)], T, pad_id=0)
 
     return grain.MapDataset.range(TOTAL).map(make).to_iter_dataset()
@@ -121,10 +125,10 @@ def base_params():
     return init_params(jax.random.key(0), CFG)
 
 
-def setup(params=None) -> RunSetup:
+def setup(params=None, lora_cfg=LORA, packed=False) -> RunSetup:
     params = base_params() if params is None else params
-    return RunSetup(model_cfg=CFG, lora_cfg=LORA, params=params,
-                    lora=init_lora(jax.random.key(1), params, CFG, LORA), batches=batches(),
+    return RunSetup(model_cfg=CFG, lora_cfg=lora_cfg, params=params,
+                    lora=init_lora(jax.random.key(1), params, CFG, lora_cfg), batches=batches(packed=packed),
                     total_steps=TOTAL, micro_rows=B // ACCUM)
 
 
@@ -165,6 +169,22 @@ def test_interrupted_run_resumes_with_identical_losses(straight, tmp_path):
                                [straight[0].losses[s] for s in range(1, TOTAL + 1)], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  second.state.params, straight[0].state.params)
+
+
+def test_packed_training_resumes_and_follows_the_padded_run(tmp_path):
+    """Without dropout (whose masks depend on the layout), training on packed rows takes the padded run's
+    steps: the same losses and adapter, through row counts that change between steps and a resume."""
+    lora_cfg = replace(LORA, dropout=0.0)
+    shapes = {b["tokens"].shape for b in batches(packed=True)}
+    assert len(shapes) > 1, shapes
+    padded = train(setup(lora_cfg=lora_cfg), sft_config(tmp_path / "padded"), progress=False)
+    train(setup(lora_cfg=lora_cfg, packed=True), sft_config(tmp_path / "packed"), progress=False, max_steps=5)
+    packed = train(setup(lora_cfg=lora_cfg, packed=True), sft_config(tmp_path / "packed"), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "packed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, TOTAL + 1)) and all(r["samples"] == B for r in log)
+    np.testing.assert_allclose([r["loss"] for r in log], [padded.losses[s] for s in range(1, TOTAL + 1)], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6),
+                 packed.state.params, padded.state.params)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

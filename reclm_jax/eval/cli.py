@@ -66,7 +66,7 @@ def evaluate(args) -> int:
         raise UserError(f"--tasks: {e}") from None
     try:
         # Test tasks only: no SL data is built, so the ShareGPT mix (I4) plays no part.
-        task_cfg = TaskConfig(seed=args.seed, test_users=args.limit, sharegpt_ratio=0.0)
+        task_cfg = TaskConfig(seed=args.seed, test_users=args.limit, sharegpt_ratio=0.0, max_history=args.max_history)
         if args.max_new_tokens >= task_cfg.max_length:
             raise ValueError(f"--max-new-tokens must be below the prompt + answer budget of {task_cfg.max_length}")
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -79,9 +79,13 @@ TABLES: tuple[Table, ...] = (
     # Not one of the paper's tables: Table 5's formatting metrics on the I0 answers, for runs that leave
     # out the item-count task (the demo).
     Table("format_i0", "Formatting quality of the I0 answers (k = 10; Table 5's metrics)", _formatting("seqrec")),
+    # Eq. 7's TCP counts only catalogue items, so an invented title lowers -C TCP as a compliant one would (and
+    # lowers +C TCP): each control's NonExist@10 stands beside it.
     Table("table3", "Table 3: category control (I1); in parentheses: the same model without the control text", (
         *_accuracy("+C", "+c"), _control("+C", "+c", "TCP@K", "TCP@10", True),
+        Column("+C", "+c", "NonExist@K", "NonExist@10 (%) ↓", False, percent=True),
         *_accuracy("-C", "-c"), _control("-C", "-c", "TCP@K", "TCP@10", False),
+        Column("-C", "-c", "NonExist@K", "NonExist@10 (%) ↓", False, percent=True),
     ), chart=True),
     Table("table4", "Table 4: category proportion control (I2); in parentheses: the same model without the "
           "control text", (
