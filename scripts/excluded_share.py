@@ -12,16 +12,15 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from reclm_jax.data.config import DataConfig
 from reclm_jax.data.load import load_dataset
+from reclm_jax.eval.metrics import Bootstrap, estimate
 
 
-def interval(values: list[float], rng: np.random.Generator, resamples: int = 1000) -> str:
-    x = np.asarray(values, np.float64)
-    means = x[rng.integers(0, len(x), (resamples, len(x)))].mean(1)
-    return f"{x.mean():.1f} [{np.percentile(means, 2.5):.1f}, {np.percentile(means, 97.5):.1f}] n={len(x)}"
+def interval(values: list[float]) -> str:
+    """Mean [95 % interval] n=lists, bootstrapped as the evaluation tables are (users resampled per task)."""
+    e = estimate({"x": values}, Bootstrap(), "-c")["x"]
+    return f"{e['mean']:.1f} [{e['lo']:.1f}, {e['hi']:.1f}] n={e['n']}"
 
 
 def main() -> None:
@@ -32,7 +31,6 @@ def main() -> None:
     in_category = load_dataset(DataConfig(name=args.dataset)).category_matrix
     print("| model | -C TCP@K (%) | excluded share of real items (%) | real items per list |\n|---|---:|---:|---:|")
     for run in args.runs:
-        rng = np.random.default_rng(0)  # the same users drawn for every model
         answers = [json.loads(line) for line in (Path(run) / "answers.jsonl").open()]
         tcp, share, real = [], [], []
         for a in answers:
@@ -45,7 +43,7 @@ def main() -> None:
             real.append(len(items))
             if items:
                 share.append(100 * excluded / len(items))
-        print(f"| {Path(run).name} | {interval(tcp, rng)} | {interval(share, rng)} | {interval(real, rng)} |")
+        print(f"| {Path(run).name} | {interval(tcp)} | {interval(share)} | {interval(real)} |")
 
 
 if __name__ == "__main__":

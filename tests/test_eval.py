@@ -363,7 +363,8 @@ def test_training_curves(tmp_path):
     log = tmp_path / "ppo.jsonl"
     lines = [{"event": "config", "lr": 1e-3}]
     lines += [{"step": s, "loss": 2.0 / (s + 1), "lr": 1e-3, "reward": {"mean": 0.1 * s}, "approx_kl": 0.01 * s,
-               "valid": {"+c": {"TCP@K": 10.0 + s}, "seqrec": {"HR@K": 0.01 * s}}} for s in range(5)]
+               "valid": {"+c": {"TCP@K": 10.0 + s}, "seqrec": {"HR@K": 0.01 * s}}, "time/rewards_s": 1.5}
+              for s in range(5)]
     log.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     series = read_log(log)
     assert series["reward/mean"] == ([0, 1, 2, 3, 4], [0.0, 0.1, 0.2, 0.30000000000000004, 0.4])

@@ -65,6 +65,8 @@ def panels(series: Mapping[str, tuple[list[int], list[float]]]) -> dict[str, lis
     """panel title -> the series names it plots (panels without a series are left out)."""
     out: dict[str, list[str]] = {}
     for name in series:
+        if name.startswith(("time/", "cpu/")):  # stage timings ("time/rewards_s") are not rewards
+            continue
         for title, pattern in PANELS:
             if pattern.search(name):
                 out.setdefault(title, []).append(name)
