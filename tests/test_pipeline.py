@@ -28,8 +28,10 @@ def test_stage_configs_connect_the_stages():
 
 
 def tiny_model_stages(gguf: str) -> list[str]:
-    """Overrides that shrink the demo's SFT, PPO and evaluation to a few steps of the tiny GGUF model."""
+    """Overrides that shrink the demo's SFT, PPO and evaluation to a few steps of the tiny GGUF model (and run
+    PPO, which the demo leaves out)."""
     return [
+        "stages=[teacher, sft, ppo, evaluate, export]",
         f"sft.model.base={gguf}", f"sft.model.tokenizer={gguf}",
         "sft.tasks.min_k=3", "sft.tasks.max_k=3", "sft.tasks.max_length=384", "sft.tasks.buckets=[384]",
         "sft.train.global_batch=2", "sft.train.micro_batch=2", "sft.train.steps=2", "sft.valid.every=0",
