@@ -14,7 +14,6 @@ the initial adapter again; the median round is reported.
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from dataclasses import replace

@@ -172,7 +172,8 @@ def test_records_csv_json_and_charts(tmp_path):
     assert [r["model"] for r in recs] == ["base", "ours", "partial"]
     assert recs[1]["+C TCP@10 (%) ↑"] == est(93.5, 18) and recs[1]["+C TCP@10 (%) ↑ (no control)"] == est(7.75, 18)
     assert recs[2]["+C TCP@10 (%) ↑"] is None and recs[2]["-C HR@10"] is None
-    partial = "| partial | **0.300** [0.300, 0.300] n=5 | **0.200** [0.200, 0.200] n=5 | – | – | – | – | – | – |"
+    partial = ("| partial | **0.300** [0.300, 0.300] n=5 | **0.200** [0.200, 0.200] n=5 "
+               "| – | – | – | – | – | – |")
     assert partial in T.markdown(TABLE["table3"], rows)
     written = T.write_tables(rows, tmp_path, title_match="lenient")
     assert set(written) == {"table2", "table3"}  # tables without any row are left out
