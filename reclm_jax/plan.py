@@ -47,6 +47,7 @@ from reclm_jax.rl.trainer import ppo_mesh
 from reclm_jax.rl.update import init_state, ppo_update
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFTConfig
+from reclm_jax.tasks.batches import collate
 from reclm_jax.training import optim
 
 @dataclass
@@ -159,8 +160,8 @@ def sft_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
         length, per_row = tasks.pack_length, tasks.pack_length // tasks.max_length
         rows = -(-cfg.train.global_batch // per_row // micro) * micro
     accum = rows // micro
-    dtypes = {"tokens": "int32", "positions": "int32", "segment_ids": "int32", "loss_weight": "float32"}
-    batch = {k: jax.ShapeDtypeStruct((rows, length), dtypes[k], sharding=batch_sh[k]) for k in step_lib.BATCH_KEYS}
+    empty = collate([], [[] for _ in range(rows)], length, pad_id=0)  # the batch layout, from its one owner
+    batch = {k: jax.ShapeDtypeStruct(empty[k].shape, empty[k].dtype, sharding=batch_sh[k]) for k in step_lib.BATCH_KEYS}
     fn = step_lib.jit_train_step(model_cfg, lora_cfg, tx, micro, tasks.answer_tokens_per_row,
                                  (state_sh, params_sh, batch_sh), mesh=mesh)
     key = jax.eval_shape(lambda: jax.random.key(0))

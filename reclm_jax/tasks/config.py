@@ -62,7 +62,7 @@ class TaskConfig(Section):
                                  f"{list(TASK_SETS[self.task_set])}, got {list(self.train_tasks)}")
         kinds = self.rl_kinds
         if not kinds or not set(kinds) <= set(RL_KINDS) or len(set(kinds)) < len(kinds):
-            raise ValueError(f"rl_kinds must be distinct kinds from {list(RL_KINDS)}, got {list(self.rl_kinds)}")
+            raise ValueError(f"rl_kinds must be distinct kinds from {list(RL_KINDS)}, got {list(kinds)}")
         if not self.proportions or not all(0.0 < x < 1.0 for x in self.proportions):
             raise ValueError(f"proportions must be fractions strictly between 0 and 1, got {self.proportions}")
         for name in ("rl_k", "item_count_k"):
