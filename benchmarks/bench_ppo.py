@@ -6,8 +6,10 @@ ML-100k RL prompts, the real tokenizer, the teacher.
 
 Without --teacher a random-init SASRec of the paper's shape answers the rank queries (the same work as a
 trained one). The first steps compile (every prompt-length bucket compiles the sampler and the update once),
-so they are not timed; medians are over the later steps, wall and process CPU time (all threads). Prints a
-Markdown table for BENCHMARKS.md.
+so they are not timed; medians are over the later steps, wall and process CPU time (all threads). The update's
+matrix-product FLOPs are counted in its compiled program for each timed step's batch shape (`hlo_stats`, loops
+in full), to give its rate against this CPU's float32 matrix-product rate. Prints a Markdown table for
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
+    from bench_sft_step import MATMUL_F32_GFLOPS
 
-    from reclm_jax import config
+    from reclm_jax import config, hlo_stats
     from reclm_jax.data import load_dataset
+    from reclm_jax.rl import rollout
     from reclm_jax.rl.config import PPOConfig
     from reclm_jax.rl.trainer import build
+    from reclm_jax.rl.update import ppo_update
 
     cfg = config.load(PPOConfig, args.config, args.overrides)
     if args.teacher:
@@ -57,6 +62,15 @@ def main() -> None:
     else:
         teacher = random_teacher(load_dataset(cfg.data).num_items)
     trainer, stream = build(cfg, teacher=teacher)
+    shapes = []  # each step's update batch, as abstract arrays
+    build_batch = rollout.build_batch
+
+    def recording_build_batch(*a, **kw):
+        batch = build_batch(*a, **kw)
+        shapes.append({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()})
+        return batch
+
+    rollout.build_batch = recording_build_batch
     rows, state = [], trainer.state
     for step in range(args.warmup + args.steps):
         prompts = next(stream)
@@ -65,6 +79,17 @@ def main() -> None:
         metrics["time/step_s"], metrics["cpu/step_s"] = time.perf_counter() - t, time.process_time() - c
         if step >= args.warmup:
             rows.append(metrics)
+    flops = {}  # batch shape -> the update's FLOPs
+    for metrics, batch in zip(rows, shapes[args.warmup:]):
+        key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if key not in flops:
+            compiled = ppo_update.lower(trainer.base, state, batch, jax.random.key(0), model_cfg=trainer.model_cfg,
+                                        actor_cfg=trainer.actor_cfg, critic_cfg=trainer.critic_cfg, hyper=cfg.ppo,
+                                        optim=cfg.optim, shards=trainer.shards).compile()
+            flops[key] = hlo_stats.analyse(compiled.as_text()).flops
+        metrics["update_flops"] = flops[key]
+    rate = sum(r["update_flops"] for r in rows) / sum(r["time/update_s"] for r in rows) / 1e9
+
     def median(name):
         return statistics.median(r[name] for r in rows)
 
@@ -78,7 +103,9 @@ def main() -> None:
           f"teacher {'trained' if args.teacher else 'random-init'}; jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind} ({platform.machine()}); load average {load:.1f}; "
           f"median of {len(rows)} steps after {args.warmup} warm-up steps; "
-          f"mean response {statistics.mean(r['response_tokens'] for r in rows):.1f} tokens")
+          f"mean response {statistics.mean(r['response_tokens'] for r in rows):.1f} tokens; update batches "
+          f"{', '.join(sorted({'x'.join(map(str, b['tokens'].shape)) for b in shapes[args.warmup:]}))} tokens; "
+          f"update {rate:.0f} GFLOP/s executed ({100 * rate / MATMUL_F32_GFLOPS:.0f} % of {MATMUL_F32_GFLOPS} f32)")
     print()
     print("| part | wall per step | share of the step (wall) | CPU per step | share of the step (CPU) |")
     print("|---|---|---|---|---|")

@@ -43,8 +43,9 @@ from reclm_jax.llm.config import PRESETS
 from reclm_jax.llm.tokenizer import load_tokenizer
 from reclm_jax.pipeline import PipelineConfig, stage_configs
 from reclm_jax.rl.config import PPOConfig
+from reclm_jax.rl import rollout
 from reclm_jax.rl.trainer import ppo_mesh
-from reclm_jax.rl.update import init_state, ppo_update
+from reclm_jax.rl.update import BATCH_KEYS, init_state, ppo_update
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFTConfig
 from reclm_jax.tasks.batches import collate
@@ -198,12 +199,12 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
     state = jax.eval_shape(lambda b: init_state(jax.random.key(0), b, model_cfg, cfg), base)
     rep = lambda tree: jax.tree.map(lambda _: replicated, tree)  # noqa: E731
     n, r = cfg.batch_size, cfg.rollout
-    p_len, r_len = sampling.bucket(r.max_prompt_tokens), sampling.bucket(r.max_new_tokens)
+    # the longest rows a step can meet: the longest prompt and every response at max_new_tokens
+    row_len = sampling.bucket(r.max_prompt_tokens + r.responses_per_prompt * r.max_new_tokens)
     split = jax.NamedSharding(mesh, jax.P(sharding.mesh_batch_axes(mesh)))
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=split) for k, shape, dt in (
-        ("tokens", (n, p_len + r_len), jnp.int32), ("attention_mask", (n, p_len + r_len), bool),
-        ("response_mask", (n, r_len), jnp.float32), ("logprobs", (n, r_len), jnp.float32),
-        ("scores", (n, r_len), jnp.float32))}
+    empty = rollout.empty_batch(r.prompts_per_step, r.responses_per_prompt, row_len,
+                                sampling.bucket(r.max_new_tokens), pad_id=0)
+    batch = {k: jax.ShapeDtypeStruct(empty[k].shape, empty[k].dtype, sharding=split) for k in BATCH_KEYS}
     key = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh):
         update = ppo_update.lower(
@@ -212,8 +213,9 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
             actor_cfg=cfg.actor_lora, critic_cfg=cfg.critic_lora, hyper=cfg.ppo, optim=cfg.optim,
             shards=sharding.batch_shards(mesh)).compile()
     actor = state.params["actor"]
-    programs = [Program(f"ppo update ({n} x {p_len + r_len}, {cfg.ppo.epochs} epochs x {cfg.ppo.minibatches} "
-                        "minibatches)", update, n * (p_len + r_len),
+    programs = [Program(f"ppo update ({r.prompts_per_step} x {row_len}: {r.responses_per_prompt} responses per "
+                        f"prompt row, {cfg.ppo.epochs} epochs x {cfg.ppo.minibatches} minibatches)", update,
+                        r.prompts_per_step * row_len,
                         "ppo.minibatches (fewer rows per pass), model.remat=full, rollout.prompts_per_step")]
     programs += sampling_programs(
         "rollout", mesh, model_cfg, base, base_sh, actor, rep(actor), cfg.actor_lora, n,

@@ -111,8 +111,8 @@ def test_an_old_optimiser_key_names_its_new_key(old, new):
     ("ppo.optim.b2=1.0", "ppo.optim.b2 must be in [0, 1), got 1.0"),
     ("teacher.model.dropout=-0.1", "teacher.model.dropout must be in [0, 1), got -0.1"),
     ("sft.tasks.min_k=11", "sft.tasks.min_k (11) must be <= max_k (10)"),  # a cross-field check()
-    ("ppo.ppo.minibatches=3", "ppo.rollout.prompts_per_step x rollout.responses_per_prompt = 32 sequences must "
-                              "divide into ppo.minibatches = 3"),
+    ("ppo.ppo.minibatches=3", "ppo.rollout.prompts_per_step = 16 must divide into ppo.minibatches = 3 "
+                              "(a minibatch takes whole prompts, each with its responses)"),
     ("sft.valid.users=null", None),  # None passes a rule
 ])
 def test_rules_are_declared_once_and_name_the_full_key(override, message):

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 from reclm_jax import config
-from reclm_jax.llm import model
+from reclm_jax.llm import model, sampling
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig
-from reclm_jax.rl import critic, update
+from reclm_jax.rl import critic, rollout, update
 from reclm_jax.rl.config import PPOConfig, RolloutConfig
 from reference_logprobs import token_logprobs
 
 MODEL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                     head_dim=16, max_position_embeddings=64)
-OVERRIDES = ["ppo.minibatches=2", "ppo.epochs=2", "optim.lr=1e-3", "rollout.prompts_per_step=4"]
+OVERRIDES = ["ppo.minibatches=2", "ppo.epochs=2", "optim.lr=1e-3", "rollout.prompts_per_step=16"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -41,32 +41,35 @@ def initial_arrays(cfg):
 
 @functools.partial(jax.jit, static_argnums=0)
 def policy_logprobs(lora_cfg, base, actor, tokens, attention_mask):
+    """log-probs [N, T-1] of sequences one per row, from the model's all-position logits"""
     logprobs, _ = token_logprobs(base, MODEL, tokens, attention_mask, lora=actor, lora_cfg=lora_cfg)
     return logprobs
 
 
 def make_case(overrides=()):
-    """A tiny model, a trained-looking state and a rollout batch of 8 sequences: prompts of 3..6 tokens
-    left-padded to P = 6, responses of 1..8 tokens right-padded to R = 8, sampling log-probs near the policy's."""
+    """A tiny model, a trained-looking state and a rollout batch as `rollout.build_batch` lays it out: 16 prompts
+    of 3..6 tokens with 2 responses of 1..8 tokens each, sampling log-probs near the policy's. Also `seqs`, the
+    same 32 sequences one per row (prompt left-padded to 6, response right-padded to 8), the layout of the
+    reference computations."""
     cfg = config.load(PPOConfig, None, OVERRIDES + list(overrides))
     base, state = initial_arrays(cfg)
     rng = np.random.default_rng(0)
-    n, p, r = cfg.batch_size, 6, 8
-    tokens = rng.integers(3, MODEL.vocab_size, (n, p + r)).astype(np.int32)
-    attention = np.zeros((n, p + r), bool)
-    response = np.zeros((n, r), np.float32)
-    for i in range(n):
-        attention[i, p - rng.integers(3, p + 1):p] = True
-        response[i, : rng.integers(1, r + 1)] = 1
-    attention[:, p:] = response > 0
-    tokens = np.where(attention, tokens, 0)
-    logprobs = np.asarray(policy_logprobs(cfg.actor_lora, base, state.params["actor"], tokens, attention))
-    batch = {
-        "tokens": tokens, "attention_mask": attention, "response_mask": response,
-        "logprobs": ((logprobs[:, -r:] + rng.normal(0.0, 0.05, (n, r))) * response).astype(np.float32),
-        "scores": (rng.normal(0.0, 1.0, (n, r)) * response).astype(np.float32),
-    }
-    return cfg, base, state, batch
+    g, k, p, r = cfg.rollout.prompts_per_step, cfg.rollout.responses_per_prompt, 6, 8
+    prompts = [rollout.Prompt(tuple(int(t) for t in rng.integers(3, MODEL.vocab_size, rng.integers(3, p + 1))),
+                              history=(), target=0, k=1) for _ in range(g)]
+    lengths = rng.integers(1, r + 1, g * k)
+    lengths[0] = r
+    response = np.arange(r)[None, :] < lengths[:, None]
+    sampled = np.where(response, rng.integers(3, MODEL.vocab_size, (g * k, r)), 0).astype(np.int32)
+    prompt_tokens, prompt_mask = sampling.left_pad([prompts[i // k].tokens for i in range(g * k)], p, 0)
+    seqs = {"tokens": np.concatenate([prompt_tokens, sampled], 1),
+            "attention_mask": np.concatenate([prompt_mask, response], 1)}
+    logprobs = np.asarray(policy_logprobs(cfg.actor_lora, base, state.params["actor"], **seqs))[:, -r:]
+    gen = sampling.GenerationResult(sampled, ((logprobs + rng.normal(0.0, 0.05, (g * k, r))) * response
+                                              ).astype(np.float32), lengths.astype(np.int32))
+    batch = rollout.build_batch(prompts, gen, (rng.normal(0.0, 1.0, (g * k, r)) * response).astype(np.float32), k,
+                                pad_id=0)
+    return cfg, base, state, batch, seqs
 
 
 def run_update(cfg, base, state, batch):
@@ -81,7 +84,7 @@ def case():
 
 @pytest.fixture(scope="module")
 def single_device_result(case):
-    cfg, base, state, batch = case
+    cfg, base, state, batch, _ = case
     before = jax.tree.map(np.array, state)  # copies: the update donates its state
     new_state, metrics = run_update(cfg, base, jax.tree.map(jnp.array, state), batch)
     return before, jax.tree.map(np.asarray, new_state), {k: float(v) for k, v in metrics.items()}
@@ -100,15 +103,17 @@ def full_forward(lora_cfg, base, tokens, mask, adapter):
     return logits, hidden, logprobs
 
 
-def response_view(cfg_lora, base, batch, adapter):
-    """(logits, hidden) [N, R, ...] predicting the response tokens, via `reference_logprobs.token_logprobs`."""
-    r = batch["response_mask"].shape[1]
-    logits, hidden, logprobs = full_forward(cfg_lora, base, batch["tokens"], batch["attention_mask"], adapter)
-    return np.asarray(logits)[:, -r - 1:-1], np.asarray(hidden)[:, -r - 1:-1], np.asarray(logprobs)[:, -r:]
+def response_view(cfg_lora, base, seqs, adapter, shape):
+    """(logits, hidden, log-probs) predicting the response tokens of the sequences one per row, computed on their
+    own (`reference_logprobs.token_logprobs`), reshaped to the batch's [G, k, R, ...]."""
+    r = shape[-1]
+    logits, hidden, logprobs = full_forward(cfg_lora, base, seqs["tokens"], seqs["attention_mask"], adapter)
+    return tuple(np.asarray(x)[:, a:b].reshape(*shape, *x.shape[2:])
+                 for x, a, b in ((logits, -r - 1, -1), (hidden, -r - 1, -1), (logprobs, -r, None)))
 
 
 def test_minibatch_loss_matches_hand_computation(case):
-    cfg, base, state, batch = case
+    cfg, base, state, batch, seqs = case
     rng = np.random.default_rng(1)
     mask = batch["response_mask"]
     mb = {**batch, "logprobs": batch["logprobs"] + rng.normal(0, 0.3, mask.shape).astype(np.float32) * mask,
@@ -118,9 +123,8 @@ def test_minibatch_loss_matches_hand_computation(case):
     loss_fn = jax.jit(update.minibatch_loss, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "hyper"))
     loss, stats = loss_fn(state.params, base, mb, jax.random.key(0), model_cfg=MODEL,
                           actor_cfg=cfg.actor_lora, critic_cfg=cfg.critic_lora, hyper=cfg.ppo)
-    logits, _, logprobs = response_view(cfg.actor_lora, base, batch, state.params["actor"])
-    _, hidden, _ = response_view(cfg.critic_lora, base, batch,
-                                 state.params["critic"]["lora"])
+    logits, _, logprobs = response_view(cfg.actor_lora, base, seqs, state.params["actor"], mask.shape)
+    _, hidden, _ = response_view(cfg.critic_lora, base, seqs, state.params["critic"]["lora"], mask.shape)
     head = jax.tree.map(np.asarray, state.params["critic"]["head"])
     values = (erf_gelu(hidden @ head["w1"] + head["b1"]) @ head["w2"] + head["b2"])[..., 0]
 
@@ -144,16 +148,19 @@ def test_minibatch_loss_matches_hand_computation(case):
 
 
 def test_advantages_match_hand_computation(case):
-    cfg, _, _, batch = case
+    cfg, _, _, batch, _ = case
     rng = np.random.default_rng(2)
-    mask = batch["response_mask"].astype(np.float64)
-    ref = batch["logprobs"] + rng.normal(0, 0.1, mask.shape) * mask
-    values = rng.normal(size=mask.shape)
-    adv, returns, kl = update.advantages(batch, jnp.asarray(ref, jnp.float32), jnp.asarray(values, jnp.float32),
-                                         cfg.ppo)
+    shape = batch["response_mask"].shape
+    ref = batch["logprobs"] + rng.normal(0, 0.1, shape) * batch["response_mask"]
+    values = rng.normal(size=shape)
+    adv, returns, kl = (np.asarray(x).reshape(-1, shape[-1]) for x in update.advantages(
+        batch, jnp.asarray(ref, jnp.float32), jnp.asarray(values, jnp.float32), cfg.ppo))
 
-    kl_hand = (batch["logprobs"] - ref) * mask
-    rewards = (batch["scores"] - 0.3 * kl_hand) * mask
+    # by hand, one response per row
+    mask, scores, logprobs, ref, values = (np.asarray(x, np.float64).reshape(-1, shape[-1]) for x in (
+        batch["response_mask"], batch["scores"], batch["logprobs"], ref, values))
+    kl_hand = (logprobs - ref) * mask
+    rewards = (scores - 0.3 * kl_hand) * mask
     on = mask > 0
     mean = rewards[on].mean()
     rewards = np.where(on, (rewards - mean) / rewards[on].std(ddof=1) + mean, 0.0)  # unit std, mean kept
@@ -167,14 +174,14 @@ def test_advantages_match_hand_computation(case):
             adv_hand[b, t] = last
     returns_hand = (adv_hand + values) * mask
     adv_hand = np.where(on, (adv_hand - adv_hand[on].mean()) / adv_hand[on].std(ddof=1), 0.0)
-    np.testing.assert_allclose(np.asarray(kl), kl_hand, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(returns), returns_hand, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(adv), adv_hand, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kl, kl_hand, atol=1e-6)
+    np.testing.assert_allclose(returns, returns_hand, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(adv, adv_hand, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- the update
 def test_update_trains_actor_critic_and_head(case, single_device_result):
-    cfg, base, _, batch = case
+    cfg, base, _, batch, seqs = case
     before, after, metrics = single_device_result
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before.params, after.params)
     # every trained tensor moved: actor LoRA, critic LoRA and the value head (never trained in the official code)
@@ -186,19 +193,20 @@ def test_update_trains_actor_critic_and_head(case, single_device_result):
     # the reference is the base itself, which the update never changes or donates
     scored = update.score_batch(base, after.params, batch, model_cfg=MODEL, actor_cfg=cfg.actor_lora,
                                 critic_cfg=cfg.critic_lora, chunks=2, policy=False)
-    logprobs = policy_logprobs(cfg.actor_lora, base, None, batch["tokens"], batch["attention_mask"])
-    np.testing.assert_allclose(np.asarray(scored["ref"]), np.asarray(logprobs)[:, -8:], rtol=1e-5, atol=1e-5)
+    mask = batch["response_mask"]
+    _, _, logprobs = response_view(cfg.actor_lora, base, seqs, None, mask.shape)
+    np.testing.assert_allclose(np.asarray(scored["ref"]) * mask, logprobs * mask, rtol=1e-5, atol=1e-5)
 
 
 def test_early_stop_on_approximate_kl():
-    cfg, base, state, batch = make_case()
+    cfg, base, state, batch, _ = make_case()
     before = np.array(state.params["critic"]["head"]["w1"])
-    # Sampling log-probs 0.5 nats above the policy's: approx KL = e^0.5 - 1.5 = 0.15 > target_kl 0.05 on the very
-    # first minibatch, so no step is taken at all.
+    # Sampling log-probs 0.5 nats above the policy's (+-0.05 noise): log ratio -0.5, approx KL = ratio - 1 - log ratio
+    # = e^-0.5 - 0.5 = 0.107 > target_kl 0.05 on the very first minibatch, so no step is taken at all.
     batch["logprobs"] = batch["logprobs"] + 0.5 * batch["response_mask"]
     new_state, metrics = run_update(cfg, base, state, batch)
     assert cfg.ppo.target_kl == 0.05
-    assert float(metrics["approx_kl"]) == pytest.approx(math.exp(0.5) - 1.5, rel=0.3)
+    assert float(metrics["approx_kl"]) == pytest.approx(math.exp(-0.5) - 0.5, rel=0.05)
     assert float(metrics["updates"]) == 0
     np.testing.assert_array_equal(np.asarray(new_state.params["critic"]["head"]["w1"]), before)
 
@@ -212,7 +220,7 @@ from test_ppo import make_case, run_update
 from reclm_jax.llm.sharding import MeshConfig
 from reclm_jax.rl.trainer import ppo_mesh
 assert jax.device_count() == 8, jax.devices()
-cfg, base, state, batch = make_case()
+cfg, base, state, batch, _ = make_case()
 mesh = ppo_mesh(MeshConfig(data=8, fsdp=1))
 put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
 state, metrics = run_update(cfg, put(base, PartitionSpec()), put(state, PartitionSpec()),
@@ -244,18 +252,25 @@ def test_update_on_8_device_mesh_equals_single_device(single_device_result, tmp_
 
 
 def test_sampled_logprobs_and_batch_layout_match_the_training_forward(case):
-    """The sampler's log-probs (kept as PPO's old log-probs) equal the update's own forward pass on the batch
-    that `rollout.build_batch` lays out: prompt left-padded, response right-padded, windows aligned."""
-    from reclm_jax.llm import sampling
-    from reclm_jax.rl import rollout
-
-    cfg, base, state, _ = case
-    prompts = [rollout.Prompt(tokens=tuple(range(5, 5 + n)), history=(), target=0, k=1) for n in (3, 6, 4, 5)]
+    """The sampler's log-probs (kept as PPO's old log-probs: each response sampled on its own, from its own KV
+    cache) equal the update's forward pass on the batch that `rollout.build_batch` lays out: each prompt once,
+    its two responses after it in the same row."""
+    cfg, base, state, _, _ = case
+    sizes = (3, 6, 4, 5)
+    prompts = [rollout.Prompt(tokens=tuple(range(5, 5 + n)), history=(), target=0, k=1) for n in sizes]
     gen = rollout.sample(base, state.params["actor"], prompts, jax.random.key(5), model_cfg=MODEL,
                          actor_cfg=cfg.actor_lora, rollout=RolloutConfig(prompts_per_step=4, max_new_tokens=6),
                          policy=ChatPolicy(None, (MODEL.eos_token_id,), 0))
     batch = rollout.build_batch(prompts, gen, np.zeros(gen.tokens.shape, np.float32), 2, pad_id=0)
-    assert batch["tokens"].shape == (8, sampling.bucket(6) + sampling.bucket(6))
+    rows = [int(n + gen.lengths[2 * g] + gen.lengths[2 * g + 1]) for g, n in enumerate(sizes)]
+    assert batch["tokens"].shape == (4, sampling.bucket(max(rows)))
+    assert batch["targets"].shape == (4, 2, sampling.bucket(int(gen.lengths.max())))
+    g, n, first = 1, sizes[1], gen.lengths[2]  # the second prompt's row: prompt, response 0, response 1, padding
+    row = [*prompts[1].tokens, *gen.tokens[2, :first], *gen.tokens[3, :gen.lengths[3]]]
+    np.testing.assert_array_equal(batch["tokens"][g, :rows[g]], row)
+    np.testing.assert_array_equal(batch["segment_ids"][g], [0] * n + [1] * first + [2] * gen.lengths[3]
+                                  + [-1] * (batch["tokens"].shape[1] - rows[g]))
+    np.testing.assert_array_equal(batch["positions"][g, n + first:rows[g]], n + np.arange(gen.lengths[3]))
     score = jax.jit(update.score_batch, static_argnames=("model_cfg", "actor_cfg", "critic_cfg", "chunks", "policy"))
     scored = score(base, state.params, batch, model_cfg=MODEL, actor_cfg=cfg.actor_lora,
                    critic_cfg=cfg.critic_lora, chunks=2, policy=True)
@@ -356,7 +371,7 @@ def test_ppo_learns_to_name_the_target_item():
     trainer = PPOTrainer(cfg, base, model_cfg, scorer, ChatPolicy(None, (2,), 0))  # sampling needs only the ids
     prompt = rollout.Prompt(tokens=(1,), history=(2, 3, 4), target=0, k=3)
     state, log = trainer.state, []
-    for _ in range(40):
+    for _ in range(50):
         state, metrics = trainer.step(state, [prompt] * 16)
         log.append(metrics)
     first = np.mean([m["reward"] for m in log[:5]])
@@ -419,7 +434,7 @@ def test_presets_load_with_the_paper_coefficients(preset):
     assert (cfg.actor_lora.rank, cfg.actor_lora.alpha, cfg.critic_lora.rank, cfg.critic_lora.alpha) == (4, 2.0, 4, 2.0)
     assert (cfg.rollout.responses_per_prompt, cfg.rollout.temperature, cfg.prompts.k) == (2, 0.7, (6, 10))
     assert cfg.rewards.item_level and cfg.rewards.list_scale == 10.0
-    assert cfg.batch_size % (p.minibatches * max(cfg.mesh.data, 1)) == 0
+    assert cfg.rollout.prompts_per_step % (p.minibatches * max(cfg.mesh.data, 1)) == 0
 
 
 def test_config_errors_name_the_field():

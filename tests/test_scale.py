@@ -120,7 +120,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     # PPO: rollout on the replicated base and the data-parallel update (per-device shuffle, interleaved
     # minibatches) equal one device running the same 8-shard schedule
     from test_ppo import MODEL, make_case
-    pcfg, base, state, batch = make_case(["rollout.prompts_per_step=16", "ppo.minibatches=2"])
+    pcfg, base, state, batch, _ = make_case(["ppo.minibatches=2"])
     host_state = jax.device_get(state)  # the updates below donate their states
     mesh = ppo_mesh(sharding.MeshConfig(data=8, fsdp=1))
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731

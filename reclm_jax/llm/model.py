@@ -14,13 +14,15 @@ randomly. Q and K columns are in the Hugging Face rotate-half layout (each head'
 its second half), so HF import/export needs no permutation.
 
     forward(params, cfg, tokens [B,T] int32, positions [B,T] int32, *, attention_mask=None [B,T] bool,
-            segment_ids=None [B,T] int32, lora=None, lora_cfg=None, cache=None, dropout_rng=None, last_only=False)
+            segment_ids=None [B,T] int32, shared_prefix=False, lora=None, lora_cfg=None, cache=None,
+            dropout_rng=None, last_only=False)
         -> (logits [B,T,V] float32 ([B,1,V] if last_only), hidden [B,T,D] (after the final norm), cache)
 
 `positions` are RoPE positions that count real tokens only (`positions_from_mask`); `attention_mask` marks
 real tokens (None = all real). Without a cache, attention is causal over the T tokens given, and with
 `segment_ids` only between tokens of the same segment (several samples packed in one row, each with its own
-positions). With a cache
+positions); with `shared_prefix` also from every segment to segment 0, a prompt that the row's other segments
+all continue (several responses to one prompt in one row, each positioned after the prompt). With a cache
 (`init_cache(cfg, batch, max_len)`), the T tokens are written at slots `cache["index"] ...` and attend to all
 earlier real slots; the returned cache has them added. Cache pytree:
 
@@ -163,6 +165,7 @@ def forward(
     *,
     attention_mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    shared_prefix: bool = False,
     lora: Params | None = None,
     lora_cfg: LoraConfig | None = None,
     cache: dict[str, jax.Array] | None = None,
@@ -189,7 +192,10 @@ def forward(
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal[None] & attention_mask[:, None, :]
         if segment_ids is not None:
-            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            visible = segment_ids[:, :, None] == segment_ids[:, None, :]
+            if shared_prefix:
+                visible |= (segment_ids == 0)[:, None, :]
+            mask &= visible
 
         def block(h, xs):
             layer, adapter, rng = xs

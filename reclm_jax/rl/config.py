@@ -78,7 +78,7 @@ class PPOHyper(Section):
     vf_coef: NonNegative = 0.5  # critic loss weight
     ent_coef: NonNegative = 0.01  # entropy bonus
     epochs: Count = 4  # passes over the rollout batch per step
-    minibatches: Count = 4  # minibatches per epoch; the rollout batch must divide evenly
+    minibatches: Count = 4  # minibatches per epoch; rollout.prompts_per_step must divide evenly
     target_kl: Positive | None = 0.05  # skip the remaining minibatch updates once approx KL exceeds it; None = off
     MOVED: ClassVar = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "adam_b1": "optim.b1",
                        "adam_b2": "optim.b2", "adam_eps": "optim.eps", "grad_clip": "optim.clip_norm"}
@@ -124,10 +124,10 @@ class PPOConfig(Section):
                              "mesh.data and mesh.fsdp, and the base over mesh.fsdp")
         if self.optim.schedule != "constant":
             raise ValueError(f"optim.schedule must be 'constant' for PPO, got {self.optim.schedule!r}")
-        batch = self.rollout.prompts_per_step * self.rollout.responses_per_prompt
-        if batch % self.ppo.minibatches:
-            raise ValueError(f"rollout.prompts_per_step x rollout.responses_per_prompt = {batch} sequences must "
-                             f"divide into ppo.minibatches = {self.ppo.minibatches}")
+        if self.rollout.prompts_per_step % self.ppo.minibatches:
+            raise ValueError(f"rollout.prompts_per_step = {self.rollout.prompts_per_step} must divide into "
+                             f"ppo.minibatches = {self.ppo.minibatches} (a minibatch takes whole prompts, each "
+                             "with its responses)")
 
     @property
     def batch_size(self) -> int:

@@ -15,6 +15,9 @@ items (`eval.parse`, title spans), asks the teacher for the ranks of all known i
 (`rewards.batch_rewards`) and puts them on the sampled tokens (`placement`). The text is never re-rendered or
 re-encoded (the official code trains on a re-rendered copy of the parsed list): the policy is trained on
 exactly what it sampled, so format errors (bad numbering, chatter, unknown titles) carry their penalty.
+
+The batch holds each prompt once, with its responses after it in the same row (`build_batch`; the layout is
+described in `update`): the update then computes a prompt's tokens once, not once per response.
 """
 
 from __future__ import annotations
@@ -133,28 +136,48 @@ class Scorer:
         return scores, stats
 
 
+def empty_batch(prompts: int, responses_per_prompt: int, row_len: int, response_len: int,
+                pad_id: int) -> dict[str, np.ndarray]:
+    """The `update.ppo_update` batch layout (see there), all padding: one row of `row_len` tokens per prompt,
+    per-token arrays [prompts, responses_per_prompt, response_len]."""
+    rows, per_token = (prompts, row_len), (prompts, responses_per_prompt, response_len)
+    return {
+        "tokens": np.full(rows, pad_id, np.int32),
+        "positions": np.zeros(rows, np.int32),
+        "segment_ids": np.full(rows, -1, np.int32),
+        "predict_at": np.zeros(per_token, np.int32),
+        "targets": np.full(per_token, pad_id, np.int32),
+        "response_mask": np.zeros(per_token, np.float32),
+        "logprobs": np.zeros(per_token, np.float32),
+        "scores": np.zeros(per_token, np.float32),
+    }
+
+
 def build_batch(prompts: Sequence[Prompt], gen: sampling.GenerationResult, scores: np.ndarray,
                 responses_per_prompt: int, pad_id: int) -> dict[str, np.ndarray]:
-    """The `update.ppo_update` batch: prompts left-padded to P = bucket(longest prompt), responses right-padded
-    to R = bucket(max_new_tokens) (`sampling.bucket`): R does not depend on what was sampled, and P takes a few
-    values, so a run compiles the update for a few shapes only."""
-    n = len(gen.lengths)
-    rows = [prompts[i // responses_per_prompt].tokens for i in range(n)]
-    p_len = sampling.bucket(max(len(r) for r in rows))
-    r_len = sampling.bucket(gen.tokens.shape[1])
-    prompt_tokens, prompt_mask = sampling.left_pad(rows, p_len, pad_id)
-    response_mask = np.arange(r_len)[None, :] < gen.lengths[:, None]
-
-    def right(x, fill=0):
-        out = np.full((n, r_len), fill, x.dtype)
-        width = min(r_len, x.shape[1])
-        out[:, :width] = x[:, :width]
-        return np.where(response_mask, out, fill)
-
-    return {
-        "tokens": np.concatenate([prompt_tokens, right(gen.tokens, pad_id)], axis=1).astype(np.int32),
-        "attention_mask": np.concatenate([prompt_mask, response_mask], axis=1),
-        "response_mask": response_mask.astype(np.float32),
-        "logprobs": right(gen.logprobs).astype(np.float32),
-        "scores": right(scores).astype(np.float32),
-    }
+    """The `update.ppo_update` batch: each prompt once, followed by its responses, in one row (the responses
+    attend to the prompt and to themselves only, so the prompt's tokens are computed once, not once per response).
+    The row length is `sampling.bucket` of the longest row and the response width that of the longest response,
+    so a run compiles the update for a few shapes only."""
+    k = responses_per_prompt
+    lengths = np.asarray(gen.lengths)
+    row_len = sampling.bucket(max(len(p.tokens) + int(lengths[g * k:(g + 1) * k].sum()) for g, p in enumerate(prompts)))
+    out = empty_batch(len(prompts), k, row_len, sampling.bucket(max(1, int(lengths.max()))), pad_id)
+    for g, prompt in enumerate(prompts):
+        start = len(prompt.tokens)
+        out["tokens"][g, :start] = prompt.tokens
+        out["positions"][g, :start] = np.arange(start)
+        out["segment_ids"][g, :start] = 0
+        for i in range(k):
+            n, row = g * k + i, slice(start, start + lengths[g * k + i])
+            length = row.stop - row.start
+            out["tokens"][g, row] = gen.tokens[n, :length]
+            out["positions"][g, row] = len(prompt.tokens) + np.arange(length)
+            out["segment_ids"][g, row] = i + 1
+            # response token j is predicted by the state before it: the prompt's last token for j = 0
+            out["predict_at"][g, i, :length] = np.r_[len(prompt.tokens) - 1, np.arange(row.start, row.stop - 1)]
+            for key, source in (("targets", gen.tokens), ("logprobs", gen.logprobs), ("scores", scores)):
+                out[key][g, i, :length] = source[n, :length]
+            out["response_mask"][g, i, :length] = 1
+            start = row.stop
+    return out

@@ -85,8 +85,9 @@ class PPOTrainer:
         self.policy = policy
         self.mesh = mesh or ppo_mesh(MeshConfig(data=1, fsdp=1))
         self.shards = sharding.batch_shards(self.mesh)
-        if cfg.batch_size % self.shards:
-            raise ValueError(f"{cfg.batch_size} sequences per step do not split over {self.shards} devices")
+        if cfg.rollout.prompts_per_step % self.shards:
+            raise ValueError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} does not split over "
+                             f"{self.shards} devices (the update's rows are prompts, each with its responses)")
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.split = NamedSharding(self.mesh, PartitionSpec(sharding.mesh_batch_axes(self.mesh)))
         self.base = sharding.shard_params(base, self.mesh)
@@ -120,7 +121,7 @@ class PPOTrainer:
         for i, part in enumerate(("sample", "rewards", "update")):
             metrics[f"time/{part}_s"] = clock[i + 1][0] - clock[i][0]
             metrics[f"cpu/{part}_s"] = clock[i + 1][1] - clock[i][1]
-        return state, {**stats, **metrics, "tokens": int(batch["attention_mask"].sum())}
+        return state, {**stats, **metrics, "tokens": int((batch["segment_ids"] >= 0).sum())}
 
 
 class PromptStream(grain.DatasetIterator):

@@ -12,21 +12,25 @@ Three models share one copy of the frozen base weights `base` (the SFT-merged mo
   model for the whole run (the official code trains the lm_head, which its reference shares, so its
   reference drifts).
 
-A rollout `batch` (see `rollout.py`) is a dict of arrays, one row per sampled sequence:
-    tokens [N, P+R] int32       the prompt left-padded to P tokens, then the sampled response right-padded to R
-    attention_mask [N, P+R]     real tokens
-    response_mask [N, R] f32    1 on the sampled tokens (the stop token included)
-    logprobs [N, R] f32         log pi(y_t) of each sampled token at sampling time (temperature 1)
-    scores [N, R] f32           the placed rule rewards: R_item on each item's last token, 10 R_list on the last
-Per-token arrays are aligned with the response: column j is response token j, predicted from the state at
-sequence position P + j - 1 (its value is read from the same hidden state).
+A rollout `batch` (see `rollout.build_batch`) has one row per prompt: the prompt, then its k sampled responses one
+after another, then padding. Each response attends to the prompt and to itself only (`model.forward`'s
+`shared_prefix`), with positions continuing the prompt's, so every response sees exactly its own sequence while
+the prompt's tokens are computed once for all k. For G prompts, k responses and R response columns:
+    tokens, positions, segment_ids [G, L] int32   segment 0 the prompt, i the i-th response, -1 padding
+    predict_at [G, k, R] int32     the row position whose state predicts response token j (the prompt's last
+                                   token for j = 0, else the response's previous token)
+    targets [G, k, R] int32        the sampled response tokens
+    response_mask [G, k, R] f32    1 on the sampled tokens (the stop token included)
+    logprobs [G, k, R] f32         log pi(y_t) of each sampled token at sampling time (temperature 1)
+    scores [G, k, R] f32           the placed rule rewards: R_item on each item's last token, 10 R_list on the last
+Values are read from the same hidden states as the logits that predict the token.
 
 The update, all inside one jit: reference log-probs and critic values of the batch (in minibatch chunks, no
 gradient), and with `recompute_logprobs` the policy's log-probs too (replacing the sampler's, see PPOHyper);
 per-token rewards scores - eta * KL; reward whitening to unit std with the mean kept (TRL's shift_mean=False);
-GAE as a reverse scan; advantage whitening; then `epochs` passes over shuffled minibatches (`lax.scan`; with the
-batch split over devices, each device shuffles its own rows and every minibatch takes rows of every device, so
-the batch is never gathered: data-parallel PPO), each
+GAE as a reverse scan; advantage whitening; then `epochs` passes over shuffled minibatches of prompts
+(`lax.scan`; with the batch split over devices, each device shuffles its own rows and every minibatch takes
+rows of every device, so the batch is never gathered: data-parallel PPO), each
 minibatch a clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy, one AdamW step after global-norm
 clipping. Early stop: once a minibatch's approximate KL to the sampling policy (measured in its own forward
 pass, before its step) exceeds `target_kl`, that step and all later ones in this update are skipped.
@@ -51,7 +55,7 @@ from reclm_jax.training.optim import OptimConfig, optimizer
 from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
-BATCH_KEYS = ("tokens", "attention_mask", "response_mask", "logprobs", "scores")
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "predict_at", "targets", "response_mask", "logprobs", "scores")
 
 
 def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOConfig) -> TrainState:
@@ -65,14 +69,17 @@ def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOCon
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer(cfg.optim).init(trainable))
 
 
-def _response_forward(base, model_cfg, tokens, attention_mask, adapter, adapter_cfg, response_len, rng=None):
-    """(logits [N, R, V], hidden [N, R, D]) at the positions that predict the R response tokens.
+def _response_forward(base, model_cfg, mb, adapter, adapter_cfg, rng=None):
+    """(logits [G, k, R, V], hidden [G, k, R, D]) at the states that predict the response tokens of `mb`.
 
-    Logits are computed for those positions only: the model's all-position logits are unused, so XLA drops
-    them (over a 512-token prompt and a 32k-50k vocabulary they would dominate the update's cost)."""
-    _, hidden, _ = model.forward(base, model_cfg, tokens, model.positions_from_mask(attention_mask),
-                                 attention_mask=attention_mask, lora=adapter, lora_cfg=adapter_cfg, dropout_rng=rng)
-    hidden = hidden[:, tokens.shape[1] - response_len - 1:tokens.shape[1] - 1]
+    Logits are computed for those states only: the model's all-position logits are unused, so XLA drops them
+    (over a 512-token prompt and a 32k-50k vocabulary they would dominate the update's cost)."""
+    segments = mb["segment_ids"]
+    _, hidden, _ = model.forward(base, model_cfg, mb["tokens"], mb["positions"], attention_mask=segments >= 0,
+                                 segment_ids=segments, shared_prefix=True, lora=adapter, lora_cfg=adapter_cfg,
+                                 dropout_rng=rng)
+    at = mb["predict_at"]
+    hidden = jnp.take_along_axis(hidden, at.reshape(at.shape[0], -1)[..., None], axis=1).reshape(*at.shape, -1)
     return model.lm_logits(base, model_cfg, hidden, adapter, adapter_cfg, rng), hidden
 
 
@@ -82,27 +89,23 @@ def _gather_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def score_batch(base, trainable, batch, *, model_cfg, actor_cfg, critic_cfg, chunks: int, policy: bool):
-    """Reference log-probs, critic values and (if `policy`) the policy's own log-probs, all [N, R], of a rollout
-    batch; no gradient, `chunks` groups of rows at a time (memory of one minibatch)."""
-    response_len = batch["response_mask"].shape[1]
+    """Reference log-probs, critic values and (if `policy`) the policy's own log-probs, all [G, k, R], of a
+    rollout batch; no gradient, `chunks` groups of prompts at a time (memory of one minibatch)."""
 
     def one(mb):
-        targets = mb["tokens"][:, -response_len:]
-
         def logprobs(adapter, adapter_cfg):
-            logits, _ = _response_forward(base, model_cfg, mb["tokens"], mb["attention_mask"], adapter, adapter_cfg,
-                                          response_len)
-            return _gather_logprobs(logits, targets)
+            logits, _ = _response_forward(base, model_cfg, mb, adapter, adapter_cfg)
+            return _gather_logprobs(logits, mb["targets"])
 
-        _, hidden = _response_forward(base, model_cfg, mb["tokens"], mb["attention_mask"],
-                                      trainable["critic"]["lora"], critic_cfg, response_len)
+        _, hidden = _response_forward(base, model_cfg, mb, trainable["critic"]["lora"], critic_cfg)
         out = {"ref": logprobs(None, None), "values": critic.value(trainable["critic"]["head"], hidden)}
         if policy:
             out["policy"] = logprobs(trainable["actor"], actor_cfg)
         return out
 
-    chunked = {k: _interleave(batch[k], chunks) for k in ("tokens", "attention_mask")}
-    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, response_len), jax.lax.map(one, chunked))
+    keys = ("tokens", "positions", "segment_ids", "predict_at", "targets")
+    chunked = {k: _interleave(batch[k], chunks) for k in keys}
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), jax.lax.map(one, chunked))
 
 
 def _interleave(x: jax.Array, chunks: int) -> jax.Array:
@@ -112,12 +115,12 @@ def _interleave(x: jax.Array, chunks: int) -> jax.Array:
 
 
 def minibatches(data: dict[str, jax.Array], key: jax.Array, m: int, shards: int) -> dict[str, jax.Array]:
-    """Shuffled minibatches [m, N / m, ...] of a batch split into `shards` contiguous blocks (one per device):
-    each block is shuffled on its own and every minibatch takes N / (m x shards) rows of each block, so the
-    rows never leave their device. One shard is the plain global shuffle."""
+    """Shuffled minibatches [m, G / m, ...] of a batch of G prompts split into `shards` contiguous blocks (one per
+    device): each block is shuffled on its own and every minibatch takes G / (m x shards) prompts of each block,
+    so the rows never leave their device. One shard is the plain global shuffle."""
     n = data["tokens"].shape[0]
     if n % (m * shards):
-        raise ValueError(f"ppo_update: {n} sequences do not split into {m} minibatches x {shards} batch shards")
+        raise ValueError(f"ppo_update: {n} prompts do not split into {m} minibatches x {shards} batch shards")
     keys = key[None] if shards == 1 else jax.random.split(key, shards)
     perms = jax.vmap(lambda k: jax.random.permutation(k, n // shards))(keys)
 
@@ -131,27 +134,27 @@ def minibatches(data: dict[str, jax.Array], key: jax.Array, m: int, shards: int)
 
 
 def advantages(batch, ref_logprobs, values, hyper: PPOHyper):
-    """Per-token rewards (Eq. 6), optionally whitened; GAE; whitened advantages. All [N, R]."""
-    mask = batch["response_mask"]
-    rewards, kl = pm.token_rewards(batch["scores"], batch["logprobs"], ref_logprobs, mask, hyper.kl_coef)
+    """Per-token rewards (Eq. 6), optionally whitened; GAE; whitened advantages. All shaped like the response
+    mask ([..., R], one row of R per response)."""
+    shape = batch["response_mask"].shape
+    rows = lambda x: x.reshape(-1, shape[-1])  # noqa: E731
+    mask = rows(batch["response_mask"])
+    rewards, kl = pm.token_rewards(rows(batch["scores"]), rows(batch["logprobs"]), rows(ref_logprobs), mask,
+                                   hyper.kl_coef)
     if hyper.whiten_rewards:
         rewards = pm.masked_whiten(rewards, mask, shift_mean=False)
-    adv, returns = pm.gae(rewards, values, mask, hyper.gamma, hyper.lam)
-    return pm.masked_whiten(adv, mask), returns, kl
+    adv, returns = pm.gae(rewards, rows(values), mask, hyper.gamma, hyper.lam)
+    return tuple(x.reshape(shape) for x in (pm.masked_whiten(adv, mask), returns, kl))
 
 
 def minibatch_loss(trainable, base, mb, rng, *, model_cfg, actor_cfg, critic_cfg, hyper: PPOHyper):
     """pg_loss + vf_coef * vf_loss - ent_coef * entropy on one minibatch, and its statistics."""
     mask = mb["response_mask"]
-    response_len = mask.shape[1]
-    targets = mb["tokens"][:, -response_len:]
     rng_actor, rng_critic = jax.random.split(rng)
-    logits, _ = _response_forward(base, model_cfg, mb["tokens"], mb["attention_mask"], trainable["actor"],
-                                  actor_cfg, response_len, rng_actor)
-    _, hidden = _response_forward(base, model_cfg, mb["tokens"], mb["attention_mask"], trainable["critic"]["lora"],
-                                  critic_cfg, response_len, rng_critic)
+    logits, _ = _response_forward(base, model_cfg, mb, trainable["actor"], actor_cfg, rng_actor)
+    _, hidden = _response_forward(base, model_cfg, mb, trainable["critic"]["lora"], critic_cfg, rng_critic)
     values = critic.value(trainable["critic"]["head"], hidden)
-    pg_loss, pg_stats = pm.policy_loss(_gather_logprobs(logits, targets), mb["logprobs"], mb["advantages"], mask,
+    pg_loss, pg_stats = pm.policy_loss(_gather_logprobs(logits, mb["targets"]), mb["logprobs"], mb["advantages"], mask,
                                        hyper.clip_eps)
     vf_loss, vf_stats = pm.value_loss(values, mb["values"], mb["returns"], mask, hyper.value_clip)
     ent = pm.entropy(logits, mask)
@@ -170,7 +173,7 @@ def ppo_update(base: Params, state: TrainState, batch: dict[str, jax.Array], key
     n = batch["tokens"].shape[0]
     m = hyper.minibatches
     if n % m:
-        raise ValueError(f"ppo_update: {n} sequences do not divide into {m} minibatches")
+        raise ValueError(f"ppo_update: {n} prompts do not divide into {m} minibatches")
     mask = batch["response_mask"]
     trainable = state.params
     scored = score_batch(base, trainable, batch, model_cfg=model_cfg, actor_cfg=actor_cfg, critic_cfg=critic_cfg,
@@ -216,7 +219,7 @@ def ppo_update(base: Params, state: TrainState, batch: dict[str, jax.Array], key
     metrics = {name: v.sum() / evaluated for name, v in stats.items() if name not in ("evaluated", "applied")}
     metrics |= {
         "updates": stats["applied"].sum(),
-        "kl": (kl.sum(1)).mean(),  # per sequence: sum over its tokens of log pi - log pi_ref
+        "kl": kl.sum(-1).mean(),  # per response: sum over its tokens of log pi - log pi_ref
         "kl_per_token": pm.masked_mean(kl, mask),
         "explained_variance": pm.explained_variance(values, returns, mask),
         "value_mean": pm.masked_mean(values, mask),
