@@ -134,8 +134,8 @@ def train(run: RunDir, state: TrainState, step_fn: StepFn, batches: Iterator, *,
             for w in warnings:
                 print(f"warning: {w}", flush=True)
             if extra.get("total_steps") not in (None, total_steps):
-                print(f"warning: the run was started for {extra['total_steps']} steps, now {total_steps}: the "
-                      "learning-rate schedule changes from here on", flush=True)
+                print(f"warning: the run was started for {extra['total_steps']} steps, now {total_steps}: a "
+                      "decaying learning-rate schedule changes from here on (a constant one does not)", flush=True)
         log = RunLog(run.path, total_steps, start, progress=progress, peak=peak_flops, description=description)
         if start:
             log.write(f"{description}: resumed from step {start} ({run.checkpoints})")
