@@ -16,7 +16,7 @@ from reclm_jax.eval.cli import history_items, recommendation_lines
 from reclm_jax.core.controls import Control
 from reclm_jax.core.errors import UserError
 from reclm_jax.eval.parse import Catalogue
-from reclm_jax.eval.plots import LogError, panels, plot_log, read_log
+from reclm_jax.eval.plots import LogError, panels, plot_log, plot_logs, read_log
 from reclm_jax.tasks.config import TaskConfig
 from reclm_jax.tasks.evaluation import EvalSet, build_eval_set
 from reclm_jax.tasks.samples import SEQ, Sample, TaskContext
@@ -375,6 +375,11 @@ def test_training_curves(tmp_path):
     assert png.stat().st_size > 10000
     assert run_cli(["plot", "--log", str(log), "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "ppo.png").is_file()
+    for run in ("sft", "ppo"):  # the trainers' logs all end in log.jsonl: one PNG each, named by the run
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "log.jsonl").write_text(log.read_text())
+    written = plot_logs([tmp_path / "sft" / "log.jsonl", tmp_path / "ppo" / "log.jsonl"], tmp_path / "both")
+    assert [p.name for p in written] == ["sft-log.png", "ppo-log.png"] and all(p.is_file() for p in written)
     (tmp_path / "bad.jsonl").write_text('{"step": 1, "loss": 1}\n{oops\n')
     with pytest.raises(LogError, match="bad.jsonl:2"):
         read_log(tmp_path / "bad.jsonl")

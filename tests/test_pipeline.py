@@ -27,6 +27,13 @@ def test_stage_configs_connect_the_stages():
         config.load(PipelineConfig, None, ["ppo.rollout.title_match=exact"])
 
 
+@pytest.mark.parametrize("preset", ["demo", "repro-ml100k"])
+def test_pipeline_presets_load_and_connect(preset):
+    cfg = config.load(PipelineConfig, f"configs/pipeline/{preset}.yaml")  # every section's rules run here
+    sft, ppo = stage_configs(cfg)
+    assert ppo.model.sft_adapter == f"{cfg.out_dir}/sft/adapter" and sft.tasks.max_history == ppo.prompts.max_history
+
+
 def tiny_model_stages(gguf: str) -> list[str]:
     """Overrides that shrink the demo's SFT, PPO and evaluation to a few steps of the tiny GGUF model (and run
     PPO, which the demo leaves out)."""

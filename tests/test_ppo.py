@@ -348,6 +348,12 @@ def test_scorer_places_algorithm_1_rewards_on_the_sampled_tokens():
     assert scores[3, 0] == pytest.approx(0.5)  # +C: the target (Scores 1) is not in C (Scores^ctl 0)
     assert stats["empty_rate"] == 25.0 and stats["truncated_rate"] == 25.0
     assert stats["format/NonExist@K"] == 0.0 and stats["sample/HR@K"] == 0.75
+    # TCP@K of the +C prompt's lists (k = 2): Heat and Fargo are in C (100 %), Heat and Alien half (50 %)
+    responses[2:] = [["Heat\n", "Fargo\n", "</s>"], ["Heat\n", "Alien\n", "</s>"]]
+    for i, r in enumerate(responses):
+        tokens[i, : len(r)] = [vocab[t] for t in r]
+    _, stats = scorer.score(prompts, tokens, np.array([len(r) for r in responses]), 2, stop_ids=[2])
+    assert stats["control/+c/TCP@K"] == 75.0 and not any(k.startswith("control/seq") for k in stats)
 
 
 @pytest.mark.slow

@@ -104,5 +104,13 @@ def plot_log(path: str | Path, out: str | Path, title: str | None = None) -> Pat
 
 
 def plot_logs(paths: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """`plot_log` for each log, written as <out_dir>/<log file stem>.png."""
-    return [plot_log(p, Path(out_dir) / f"{Path(p).stem}.png") for p in paths]
+    """`plot_log` for each log, written as <out_dir>/<log file stem>.png, or <run directory>-<stem>.png when
+    stems repeat (every trainer writes <run>/log.jsonl)."""
+    paths = [Path(p) for p in paths]
+    stems = [p.stem for p in paths]
+    names = [p.stem if stems.count(p.stem) == 1 else f"{p.resolve().parent.name}-{p.stem}" for p in paths]
+    if len(set(names)) < len(names):
+        raise LogError(f"logs {[str(p) for p in paths]} would overwrite each other's plots: plot them into "
+                       "different --out directories")
+    return [plot_log(p, Path(out_dir) / f"{name}.png", title=f"{p.resolve().parent.name}/{p.name}")
+            for p, name in zip(paths, names)]

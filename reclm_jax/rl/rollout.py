@@ -119,7 +119,8 @@ class Scorer:
         ])
         counts = np.array([len(ids) for ids in item_ids])
         fmt = metrics.evaluate_batch(item_ids, [p.k for p in owners], [p.history for p in owners],
-                                     [p.target for p in owners])
+                                     [p.target for p in owners], in_target)
+        kinds = np.array([p.control.kind for p in owners])
         stopped = np.array([bool(r) and r[-1] in set(stop_ids) for r in responses]) if stop_ids else None
         stats = {
             "reward": float(scores.sum(1).mean()),  # rule reward per response: sum of R_item + scale x R_list
@@ -130,6 +131,9 @@ class Scorer:
             "response_tokens": float(np.mean(lengths)),
             **{f"format/{name}": float(np.mean(fmt[name])) for name in FORMAT_METRICS},
             **{f"sample/{name}": float(np.mean(fmt[name])) for name in ACCURACY_METRICS},
+            # how each control kind's sampled lists follow it (the curve the RL stage is meant to move)
+            **{f"control/{kind}/TCP@K": float(np.mean(fmt["TCP@K"][kinds == kind]))
+               for kind in sorted(set(kinds.tolist()) - {"seq"})},
         }
         if stopped is not None:
             stats["truncated_rate"] = float(100.0 * np.mean(~stopped))  # % cut at max_new_tokens
