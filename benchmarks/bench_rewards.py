@@ -24,7 +24,7 @@ from reclm_jax import assets
 from reclm_jax.core.controls import Control
 from reclm_jax.eval.metrics import evaluate_batch
 from reclm_jax.eval.parse import Catalogue
-from reclm_jax.rl.rewards import batch_rewards
+from reclm_jax.eval.rewards import batch_rewards
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from reference_rewards import sample_rewards  # noqa: E402  (the per-sample loop it is compared with)

@@ -1,4 +1,4 @@
-"""Algorithm 1 as the per-sample loop the paper prints: the readable reference that `rl.rewards.batch_rewards`
+"""Algorithm 1 as the per-sample loop the paper prints: the readable reference that `eval.rewards.batch_rewards`
 (the vectorised version the RL stage runs) is tested equal to, and that the hand-computed tests check."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from reclm_jax.core.controls import Control, quota
-from reclm_jax.rl.rewards import RewardOptions, ideal_dcg, item_rewards, list_reward
+from reclm_jax.eval.rewards import RewardOptions, ideal_dcg, item_rewards, list_reward
 
 
 def illegal_items(item_ids, k: int, history) -> np.ndarray:

@@ -280,6 +280,29 @@ def test_generation_loop_end_to_end(tiny_model_dir, teacher_dir):
     assert 0.0 <= sasrec["NDCG@5"] <= sasrec["NDCG@K"] <= sasrec["HR@K"] <= 1.0
 
 
+def test_reward_of_each_answer_by_hand(teacher_dir):
+    """Answers whose rewards need no teacher rank (the target, unknown, repeated and history items): the
+    paper's Eq. 1-5 by hand; an empty answer to "+C" earns the list term of 3 misses."""
+    from reclm_jax.teacher.query import Teacher
+
+    ds = tiny_dataset()
+    es = hand_set(ds)
+    es = EvalSet("test", {"seqrec": es.tasks["seqrec"], "+c": es.tasks["+c"] * 2}, {})
+    answers = {"seqrec": [answer("Babe (1995)", "Babe (1995)"), ""],
+               "+c": [answer("Babe (1995)", "Heat (1995)", "Nope (2020)"), ""]}
+    m = E.score_answers(es, answers, ds.category_matrix, Catalogue(ds.titles), teacher=Teacher.load(teacher_dir))
+    # I0, user 0: the target (R_item 1, sum(Scores*) += 1) then a repeat (-1, -1): sum R_item 0, R_list 0;
+    # user 1: nothing, 0
+    assert m["seqrec"]["Reward"]["mean"] == pytest.approx(0.0)
+    # +C Drama: the target Babe is Drama (R_item 0.5 * 1 + 0.5 * 1), Heat is in the history and Nope unknown
+    # (-1 each): sum R_item -1; sum(Scores*) = 1 - 2, 1 of 3 in C: Score_list^ctl = 1 / log2(2 + 2), so
+    # 10 x R_list = 10 * (0.5 * -1 + 0.5 * 0.5) = -2.5. The empty answer: 3 misses, 10 * 0.5 / log2(5).
+    empty = 5.0 / math.log2(5.0)
+    assert m["+c"]["Reward"]["mean"] == pytest.approx((-3.5 + empty) / 2)
+    assert (m["+c"]["Reward"]["lo"], m["+c"]["Reward"]["hi"]) == pytest.approx((-3.5, empty))
+    assert "Reward" not in E.score_answers(es, answers, ds.category_matrix, Catalogue(ds.titles))["+c"]
+
+
 def run_cli(argv):
     args, handler = command.parse(argv)
     return handler(args)
@@ -317,6 +340,14 @@ def test_evaluate_command_writes_tables_and_reuses_results(tiny_model_dir, teach
     run = tmp_path / "runs" / f"{tiny_model_dir.name}_zero-shot"
     scored = json.loads((run / "metrics.json").read_text())["metrics"]
     assert len((run / "answers.jsonl").read_text().splitlines()) == sum(m["HR@K"]["n"] for m in scored.values())
+    assert all("Reward" in m for task, m in scored.items() if "&" not in task)  # the combined tasks have none
+    assert "The rule reward of each answer" in (tmp_path / "tables.md").read_text()
+
+    # again: the answers are read back and scored, not decoded (a run from before a metric existed gains it)
+    (run / "metrics.json").write_text(json.dumps(json.loads((run / "metrics.json").read_text()) | {"metrics": {}}))
+    assert run_cli(argv) == 0
+    assert "were made with these settings; scoring them again" in capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text())["metrics"] == scored
 
     with pytest.raises(UserError, match="--name was given 2 times for 1 --lora"):
         run_cli(argv + ["--name", "x"])

@@ -15,7 +15,7 @@ from reference_rewards import (
     sample_rewards,
 )
 
-from reclm_jax.rl.rewards import RewardOptions, batch_rewards, ideal_dcg, item_rewards, list_reward
+from reclm_jax.eval.rewards import RewardOptions, batch_rewards, ideal_dcg, item_rewards, list_reward
 
 L3, L4, L5 = math.log2(3), math.log2(4), math.log2(5)
 

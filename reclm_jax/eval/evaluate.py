@@ -24,7 +24,10 @@ Metric keys per task (definitions in `eval/metrics.py`; @K is @k, the requested 
 - "seqrec" also HR@5 and NDCG@5 (the first 5 items of the 10 asked for, the paper's Table 2);
 - "+c", "-c", "~30%", ...: TCP@K of the control's category, and CPA for the proportion controls;
 - "+c1&-c2": TC1not2P@K (TCP@K of "in C1 and not in C2", Table 7);
-- "c1<=20%&-c2": C1PA (CPA of "C1 <= 20 %") and TC2P@K (TCP@K of C2).
+- "c1<=20%&-c2": C1PA (CPA of "C1 <= 20 %") and TC2P@K (TCP@K of C2);
+- every task but the combined ones: "Reward", the answer's rule reward as PPO computes it (`eval.rewards`:
+  sum of R_item + 10 x R_list, the teacher's ranks, no KL term), when `score_answers` is given the teacher
+  (`run_evaluation` always gives it): the quantity RL maximises, measured on held-out users.
 The control metrics also appear as "<metric>/no_control": the same metric, same user and same categories,
 measured on the model's answer to the plain SeqRec (I0) prompt of that user, i.e. the value in parentheses
 in the paper's Tables 3, 4 and 7 (what the model does without the control text).
@@ -48,9 +51,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reclm_jax.config import Count, Section
+from reclm_jax.core.controls import Control
 from reclm_jax.data.schema import Dataset
+from reclm_jax.eval.lists import in_category
 from reclm_jax.eval.metrics import NO_CONTROL, Bootstrap, estimate, evaluate_batch
 from reclm_jax.eval.parse import Catalogue
+from reclm_jax.eval.rewards import answer_rewards
 from reclm_jax.eval.tables import write_tables
 from reclm_jax.llm import hf_io, sharding
 from reclm_jax.llm.automaton import Intent, catalogue_automaton
@@ -150,11 +156,6 @@ class Constrain:
 
 
 # ---- scoring -------------------------------------------------------------------------------------------
-def _in_category(ids: list[list[int]], categories: Sequence[int], category_matrix: np.ndarray) -> list[list[bool]]:
-    """Per list and item: the item is known and in the list's category."""
-    return [[bool(i >= 0 and category_matrix[i, c]) for i in row] for row, c in zip(ids, categories)]
-
-
 def _control_metrics(task: str, samples: Sequence[Sample], ids: list[list[int]],
                      category_matrix: np.ndarray) -> dict[str, np.ndarray]:
     """The control metrics of `task` for lists `ids` (answers to `samples` or to their plain prompts)."""
@@ -163,11 +164,11 @@ def _control_metrics(task: str, samples: Sequence[Sample], ids: list[list[int]],
     k = [s.k for s in samples]
     hist = [s.history for s in samples]
     target = [s.target for s in samples]
-    c1 = _in_category(ids, [s.controls[0][1] for s in samples], category_matrix)
+    c1 = in_category(ids, [s.controls[0][1] for s in samples], category_matrix)
     if len(samples[0].controls) == 1:
         res = evaluate_batch(ids, k, hist, target, c1, [s.control for s in samples])
         return {m: res[m] for m in ("TCP@K", "CPA") if m in res}
-    c2 = _in_category(ids, [s.controls[1][1] for s in samples], category_matrix)
+    c2 = in_category(ids, [s.controls[1][1] for s in samples], category_matrix)
     first = samples[0].control.kind
     if first == "+c":  # +C1 & -C2
         c1_not_2 = [[a and not b for a, b in zip(r1, r2)] for r1, r2 in zip(c1, c2)]
@@ -179,10 +180,12 @@ def _control_metrics(task: str, samples: Sequence[Sample], ids: list[list[int]],
 
 
 def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain: list[list[int]] | None,
-               category_matrix: np.ndarray, bootstrap: Bootstrap = Bootstrap()) -> dict[str, dict[str, float]]:
+               category_matrix: np.ndarray, bootstrap: Bootstrap = Bootstrap(),
+               teacher: Any = None) -> dict[str, dict[str, float]]:
     """The metrics of one task as estimates (see the module docstring) from the answers' parsed item ids;
     `plain` holds each sample's user's parsed SeqRec answer, for the "/no_control" values (None: not
-    measured)."""
+    measured). With a `teacher`, also each answer's "Reward" (`rewards.answer_rewards`: the paper's, as PPO
+    scores an answer) where the task has one (not the combined controls, which the paper gives no reward)."""
     if not samples:
         return {}
     k = [s.k for s in samples]
@@ -196,6 +199,10 @@ def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain
     if plain is not None:
         base = _control_metrics(task, samples, plain, category_matrix)
         per_list |= {m + NO_CONTROL: v for m, v in base.items()}
+    if teacher is not None and len(samples[0].controls) <= 1:
+        per_list["Reward"] = answer_rewards(teacher, ids, k, hist, target,
+                                            in_category(ids, [s.category for s in samples], category_matrix),
+                                            [s.control or Control("seq") for s in samples])
     per_list["Unparsed"] = 100.0 * np.array([len(row) == 0 for row in ids], dtype=np.float64)
     return estimate(per_list, bootstrap, task)
 
@@ -206,8 +213,10 @@ def parse_answers(answers: Sequence[str], catalogue: Catalogue) -> list[list[int
 
 
 def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], category_matrix: np.ndarray,
-                  catalogue: Catalogue, bootstrap: Bootstrap = Bootstrap()) -> dict[str, dict[str, dict[str, float]]]:
-    """{task: {metric: estimate}} for every task of `eval_set` (answers[task] in the order of its samples)."""
+                  catalogue: Catalogue, bootstrap: Bootstrap = Bootstrap(),
+                  teacher: Any = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {metric: estimate}} for every task of `eval_set` (answers[task] in the order of its samples);
+    with a `teacher`, rewards too (`score_task`)."""
     missing = [t for t in eval_set.tasks if t not in answers]
     if missing:
         raise ValueError(f"no answers for tasks {missing}")
@@ -222,7 +231,7 @@ def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], category
         plain = None
         if task != SEQREC and all(s.user in plain_by_user for s in samples):
             plain = [plain_by_user[s.user] for s in samples]
-        out[task] = score_task(task, samples, ids[task], plain, category_matrix, bootstrap)
+        out[task] = score_task(task, samples, ids[task], plain, category_matrix, bootstrap, teacher)
     return out
 
 
@@ -257,6 +266,24 @@ def answer_records(eval_set: EvalSet, answers: dict[str, Sequence[str]], catalog
             })
     return records
 
+
+def saved_answers(run_dir: Path, settings: dict, eval_set: EvalSet) -> dict[str, list[str]] | None:
+    """The answers a former evaluation left in `run_dir` (answers.jsonl), if its metrics.json was made with
+    these `settings` and the answers are to `eval_set`'s samples (same tasks, users, in order); else None.
+    Scoring is a pure function of the answers, so they are scored again: metrics added since are filled in."""
+    try:
+        saved = json.loads((run_dir / "metrics.json").read_text())
+        records = [json.loads(line) for line in open(run_dir / "answers.jsonl", encoding="utf-8")]
+    except (OSError, ValueError):
+        return None
+    if saved.get("settings") != settings:
+        return None
+    answers = {task: [r["answer"] for r in records if r["task"] == task] for task in eval_set.tasks}
+    users = {task: [r["user"] for r in records if r["task"] == task] for task in eval_set.tasks}
+    if len(records) != sum(map(len, answers.values())) or any(
+            users[task] != [s.user for s in samples] for task, samples in eval_set.tasks.items()):
+        return None
+    return answers
 
 
 # ---- several models, the teacher, tables ---------------------------------------------------------------
@@ -302,11 +329,11 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
                    constrain: Sequence[str] = (), tasks: Sequence[str] = ()) -> list[tuple[str, dict]]:
     """Evaluate each run on the test set of `task_cfg` (seed, test_users) and write, under `out_dir`,
     runs/<label>/{metrics.json, answers.jsonl} and the tables (`tables.write_tables`). A run whose
-    metrics.json was made with the same settings (model and adapter files, test set, decoding, title
-    matching, bootstrap) is read back instead of decoded again unless `force`. Returns the table rows: the
-    teacher's, then one per run. Titles are shown and matched as the first run's tokenizer cuts them
-    (`tasks.encode.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`; intervals
-    from `resamples` bootstrap resamples seeded by task_cfg.seed. `constrain` ("catalogue", "intent"): each run
+    answers were made with the same settings (model and adapter files, test set, decoding, title matching,
+    bootstrap) is scored from them instead of decoded again unless `force` (`saved_answers`). Returns the
+    table rows: the teacher's, then one per run. Titles are shown and matched as the first run's tokenizer
+    cuts them (`tasks.encode.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`;
+    intervals from `resamples` bootstrap resamples seeded by task_cfg.seed. `constrain` ("catalogue", "intent"): each run
     whose `constrain` is set is also decoded under those modes, as extra rows labelled `constrained_label`
     beside its unconstrained row. `tasks`: only these test tasks (`tasks.evaluation.TEST_TASKS` names; all when
     empty)."""
@@ -338,25 +365,25 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
             result_file = run_dir / "metrics.json"
             wanted = shared | {"model": _fingerprint(run.model), "loras": [_fingerprint(p) for p in run.loras],
                                "tokenizer": run.tokenizer} | ({} if mode == "none" else {"constrain": mode})
-            if not force and result_file.is_file():
-                saved = json.loads(result_file.read_text())
-                if saved.get("settings") == wanted:
-                    print(f"{label}: results in {result_file} match these settings; reusing them", file=sys.stderr)
-                    rows.append((label, saved["metrics"]))
-                    continue
-            model = model or load_chat_model(run.model, run.loras, run.tokenizer, name=run.label)
-            start = time.perf_counter()
-            rules = None if mode == "none" else Constrain(mode, tuple(titles), dataset.category_matrix)
-            answers = generate_answers(model, eval_set, settings, progress=progress, constrain=rules)
-            seconds = time.perf_counter() - start
-            metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue, bootstrap)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
-                for record in answer_records(eval_set, answers, catalogue):
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            answers = None if force else saved_answers(run_dir, wanted, eval_set)
+            if answers is not None:
+                print(f"{label}: the answers in {run_dir} were made with these settings; scoring them again",
+                      file=sys.stderr)
+                seconds = json.loads(result_file.read_text())["generation_seconds"]
+            else:
+                model = model or load_chat_model(run.model, run.loras, run.tokenizer, name=run.label)
+                start = time.perf_counter()
+                rules = None if mode == "none" else Constrain(mode, tuple(titles), dataset.category_matrix)
+                answers = generate_answers(model, eval_set, settings, progress=progress, constrain=rules)
+                seconds = time.perf_counter() - start
+                print(f"{label}: {sum(len(a) for a in answers.values())} answers in {seconds:.0f} s", file=sys.stderr)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
+                    for record in answer_records(eval_set, answers, catalogue):
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue, bootstrap, teacher)
             result_file.write_text(json.dumps({"model": label, "settings": wanted, "generation_seconds": seconds,
                                                "metrics": metrics}, indent=1) + "\n")
-            print(f"{label}: {sum(len(a) for a in answers.values())} answers in {seconds:.0f} s", file=sys.stderr)
             rows.append((label, metrics))
         del model
     write_tables(rows, out_dir, title_match=catalogue.rule)

@@ -35,3 +35,9 @@ def repeat_mask(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def in_history_mask(ids: np.ndarray, valid: np.ndarray, history: np.ndarray) -> np.ndarray:
     """bool [B, N]: a known item that is in the user's history (history padded with any negative id)."""
     return (ids[:, :, None] == history[:, None, :]).any(-1) & (ids >= 0) & valid
+
+
+def in_category(item_ids: Sequence[Sequence[int]], categories: Sequence[int],
+                category_matrix: np.ndarray) -> list[list[bool]]:
+    """Per list and item: the item is known and in its list's category (none is for category -1: no control)."""
+    return [[bool(c >= 0 and i >= 0 and category_matrix[i, c]) for i in row] for row, c in zip(item_ids, categories)]

@@ -31,13 +31,14 @@ import numpy as np
 
 from reclm_jax.core.controls import Control
 from reclm_jax.eval import metrics
+from reclm_jax.eval.lists import in_category
 from reclm_jax.eval.parse import Catalogue
+from reclm_jax.eval.rewards import RewardOptions, batch_rewards, teacher_ranks
 from reclm_jax.llm import sampling
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.rl.config import RolloutConfig
 from reclm_jax.rl.placement import place_rewards
-from reclm_jax.rl.rewards import RewardOptions, batch_rewards
 
 # `eval.metrics` of the sampled lists: formatting-error rates, and accuracy against the target
 FORMAT_METRICS = ("CorrectCount", "NonExist@K", "RepeatItem@K", "InHistory@K")
@@ -96,21 +97,11 @@ class Scorer:
         parsed = [self.catalogue.parse(t) for t in texts]
         item_ids = [[it.item_id for it in items] for items in parsed]
 
-        # All teacher ranks of the batch in one call. Only the first k items of a list can be legal, so only
-        # theirs are asked (unknown items as item 0; the rewards ignore the rank of an illegal item), and the
-        # width is bucketed so the teacher's jitted query compiles for a few shapes only.
-        asked_len = [min(len(ids), p.k) for ids, p in zip(item_ids, owners)]
-        asked = np.zeros((n, sampling.bucket(max([1, *asked_len]))), np.int64)
-        for i, ids in enumerate(item_ids):
-            asked[i, : asked_len[i]] = np.maximum(ids[: asked_len[i]], 0)
-        asked_ranks = self.teacher.rank([list(p.history) for p in owners], asked)
-        ranks = [np.pad(asked_ranks[i, : asked_len[i]], (0, len(ids) - asked_len[i]))
-                 for i, ids in enumerate(item_ids)]
-        in_target = [[p.category >= 0 and item >= 0 and bool(self.category_matrix[item, p.category]) for item in ids]
-                     for p, ids in zip(owners, item_ids)]
-        r_item, r_list = batch_rewards(item_ids, [p.k for p in owners], [p.history for p in owners],
-                                       [p.target for p in owners], ranks, in_target, [p.control for p in owners],
-                                       self.options)
+        ks, histories = [p.k for p in owners], [p.history for p in owners]
+        ranks = teacher_ranks(self.teacher, item_ids, ks, histories)
+        in_target = in_category(item_ids, [p.category for p in owners], self.category_matrix)
+        r_item, r_list = batch_rewards(item_ids, ks, histories, [p.target for p in owners], ranks, in_target,
+                                       [p.control for p in owners], self.options)
 
         scores = np.stack([
             place_rewards(responses[i], self.decode, texts[i], [it.end for it in parsed[i]],
@@ -118,8 +109,7 @@ class Scorer:
             for i in range(n)
         ])
         counts = np.array([len(ids) for ids in item_ids])
-        fmt = metrics.evaluate_batch(item_ids, [p.k for p in owners], [p.history for p in owners],
-                                     [p.target for p in owners], in_target)
+        fmt = metrics.evaluate_batch(item_ids, ks, histories, [p.target for p in owners], in_target)
         kinds = np.array([p.control.kind for p in owners])
         stopped = np.array([bool(r) and r[-1] in set(stop_ids) for r in responses]) if stop_ids else None
         stats = {
@@ -173,8 +163,9 @@ def build_batch(prompts: Sequence[Prompt], gen: sampling.GenerationResult, score
         out["positions"][g, :start] = np.arange(start)
         out["segment_ids"][g, :start] = 0
         for i in range(k):
-            n, row = g * k + i, slice(start, start + lengths[g * k + i])
-            length = row.stop - row.start
+            n = g * k + i
+            length = int(lengths[n])
+            row = slice(start, start + length)
             out["tokens"][g, row] = gen.tokens[n, :length]
             out["positions"][g, row] = len(prompt.tokens) + np.arange(length)
             out["segment_ids"][g, row] = i + 1

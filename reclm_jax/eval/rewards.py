@@ -22,19 +22,22 @@ s * [-N/2 + 1/(2 log2(k + 2)), D_k/2 + 1/2] otherwise (divide the sum's bounds b
 list_sum="idcg"). The RL stage adds the KL penalty of Eq. 6 itself.
 
 `batch_rewards` computes them for a batch with numpy; tests/reference_rewards.py holds Algorithm 1 as the
-per-sample loop the paper prints, which it is tested equal to.
+per-sample loop the paper prints, which it is tested equal to. `teacher_ranks` asks a teacher for the ranks
+they need, and `answer_rewards` puts the two together: the reward PPO gives a parsed answer (on the RL prompts)
+and evaluation reports (on the test prompts).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from reclm_jax.config import Section
 from reclm_jax.core.controls import KIND_CODE, Control, quota
 from reclm_jax.eval.lists import in_history_mask, pad, repeat_mask, valid_mask
+from reclm_jax.llm.sampling import bucket
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,28 @@ def batch_rewards(item_ids: Sequence[Sequence[int]], k, history: Sequence[Sequen
     list_ctl = np.where(kind[:, 0] == KIND_CODE["seq"], score_sum, 1.0 / np.log2(miss + 2.0))
     r_item = item_rewards(scores, ctl) if options.item_level else np.zeros_like(scores)
     return r_item, list_reward(score_sum, list_ctl, options.list_scale)
+
+
+def teacher_ranks(teacher: Any, item_ids: Sequence[Sequence[int]], k: Sequence[int],
+                  history: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """The teacher's 0-based rank of each list's items (`batch_rewards`' `ranks`), in one batched call.
+
+    Only the first k items of a list can be legal, so only theirs are asked (an unknown item as item 0; the
+    rewards ignore the rank of an illegal item) and the rest are 0; the width is bucketed so that the
+    teacher's jitted query compiles for a few shapes only."""
+    asked_len = [min(len(ids), kk) for ids, kk in zip(item_ids, k)]
+    asked = np.zeros((len(item_ids), bucket(max([1, *asked_len]))), np.int64)
+    for i, ids in enumerate(item_ids):
+        asked[i, : asked_len[i]] = np.maximum(ids[: asked_len[i]], 0)
+    ranks = teacher.rank([list(h) for h in history], asked)
+    return [np.pad(ranks[i, : asked_len[i]], (0, len(ids) - asked_len[i])) for i, ids in enumerate(item_ids)]
+
+
+def answer_rewards(teacher: Any, item_ids: Sequence[Sequence[int]], k: Sequence[int],
+                   history: Sequence[Sequence[int]], target: Sequence[int], in_target: Sequence[Sequence[bool]],
+                   controls: Sequence[Control], options: RewardOptions = RewardOptions()) -> np.ndarray:
+    """float [B]: each answer's whole rule reward, sum(R_item) + scale * R_list (what PPO's rollout reward sums
+    over an answer's tokens, before the KL penalty), with the teacher's ranks (`teacher_ranks`)."""
+    ranks = teacher_ranks(teacher, item_ids, k, history)
+    r_item, r_list = batch_rewards(item_ids, k, history, target, ranks, in_target, controls, options)
+    return r_item.sum(1) + r_list
