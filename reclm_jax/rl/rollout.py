@@ -13,8 +13,9 @@ each sampled token's log-probability under the policy itself (temperature 1): th
 Scoring decodes each response from its sampled ids (`ChatPolicy.decode`, as evaluation does), parses the
 items (`eval.parse`, title spans), asks the teacher for the ranks of all known items of the batch in one
 batched call (`eval.rewards.teacher_ranks`), computes R_item and 10 x R_list (`eval.rewards.batch_rewards`)
-and puts them on the sampled tokens (`placement`). The text is never re-rendered or re-encoded (the official code trains on a re-rendered copy of the parsed list): the policy is trained on
-exactly what it sampled, so format errors (bad numbering, chatter, unknown titles) carry their penalty.
+and puts them on the sampled tokens (`placement`). The text is never re-rendered or re-encoded (the
+official code trains on a re-rendered copy of the parsed list): the policy is trained on exactly what it
+sampled, so format errors (bad numbering, chatter, unknown titles) carry their penalty.
 
 The batch holds each prompt once, with its responses after it in the same row (`build_batch`; the layout is
 described in `update`): the update then computes a prompt's tokens once, not once per response.
