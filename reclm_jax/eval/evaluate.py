@@ -267,9 +267,10 @@ def answer_records(eval_set: EvalSet, answers: dict[str, Sequence[str]], catalog
     return records
 
 
-def saved_answers(run_dir: Path, settings: dict, eval_set: EvalSet) -> dict[str, list[str]] | None:
-    """The answers a former evaluation left in `run_dir` (answers.jsonl), if its metrics.json was made with
-    these `settings` and the answers are to `eval_set`'s samples (same tasks, users, in order); else None.
+def saved_answers(run_dir: Path, settings: dict, eval_set: EvalSet) -> tuple[dict[str, list[str]], float] | None:
+    """(answers, seconds their decoding took) that a former evaluation left in `run_dir` (answers.jsonl), if its
+    metrics.json was made with these `settings` and the answers are to `eval_set`'s samples (same tasks, users,
+    in order); else None.
     Scoring is a pure function of the answers, so they are scored again: metrics added since are filled in."""
     try:
         saved = json.loads((run_dir / "metrics.json").read_text())
@@ -283,7 +284,7 @@ def saved_answers(run_dir: Path, settings: dict, eval_set: EvalSet) -> dict[str,
     if len(records) != sum(map(len, answers.values())) or any(
             users[task] != [s.user for s in samples] for task, samples in eval_set.tasks.items()):
         return None
-    return answers
+    return answers, saved["generation_seconds"]
 
 
 # ---- several models, the teacher, tables ---------------------------------------------------------------
@@ -333,10 +334,10 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     bootstrap) is scored from them instead of decoded again unless `force` (`saved_answers`). Returns the
     table rows: the teacher's, then one per run. Titles are shown and matched as the first run's tokenizer
     cuts them (`tasks.encode.display_titles`), with `eval.parse.Catalogue(titles, title_match, fuzzy)`;
-    intervals from `resamples` bootstrap resamples seeded by task_cfg.seed. `constrain` ("catalogue", "intent"): each run
-    whose `constrain` is set is also decoded under those modes, as extra rows labelled `constrained_label`
-    beside its unconstrained row. `tasks`: only these test tasks (`tasks.evaluation.TEST_TASKS` names; all when
-    empty)."""
+    intervals from `resamples` bootstrap resamples seeded by task_cfg.seed. `constrain` ("catalogue",
+    "intent"): each run whose `constrain` is set is also decoded under those modes, as extra rows labelled
+    `constrained_label` beside its unconstrained row. `tasks`: only these test tasks
+    (`tasks.evaluation.TEST_TASKS` names; all when empty)."""
     labels = [r.label for r in runs]
     if not runs or len(set(labels)) != len(labels) or TEACHER_ROW in labels:
         raise ValueError(f"row labels must be unique and not {TEACHER_ROW!r}, got {labels}")
@@ -365,11 +366,11 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
             result_file = run_dir / "metrics.json"
             wanted = shared | {"model": _fingerprint(run.model), "loras": [_fingerprint(p) for p in run.loras],
                                "tokenizer": run.tokenizer} | ({} if mode == "none" else {"constrain": mode})
-            answers = None if force else saved_answers(run_dir, wanted, eval_set)
-            if answers is not None:
+            saved = None if force else saved_answers(run_dir, wanted, eval_set)
+            if saved is not None:
                 print(f"{label}: the answers in {run_dir} were made with these settings; scoring them again",
                       file=sys.stderr)
-                seconds = json.loads(result_file.read_text())["generation_seconds"]
+                answers, seconds = saved
             else:
                 model = model or load_chat_model(run.model, run.loras, run.tokenizer, name=run.label)
                 start = time.perf_counter()

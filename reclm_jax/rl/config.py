@@ -16,9 +16,9 @@ from typing import Annotated, ClassVar, Literal
 
 from reclm_jax.config import Count, NonNegative, NonNegativeInt, Positive, Rule, Section
 from reclm_jax.data.config import DataConfig
+from reclm_jax.eval.rewards import RewardOptions
 from reclm_jax.llm.config import LoraConfig
 from reclm_jax.llm.sharding import MeshConfig
-from reclm_jax.eval.rewards import RewardOptions
 from reclm_jax.sft.config import ModelConfig
 from reclm_jax.tasks.config import RL_KINDS, TaskConfig
 from reclm_jax.training.loop import CheckpointConfig
