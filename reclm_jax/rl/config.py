@@ -92,6 +92,10 @@ class PPOHyper(Section):
 class TrainSection(Section):
     steps: Count = 1000  # PPO steps (one rollout batch and its update each)
     log_every: Count = 1
+    # Stop after the first step whose sampled responses are further than this from the SFT model (the logged
+    # "kl": per response, the sum over its tokens of log pi - log pi_ref); None: run all steps. KL weight
+    # eta holds the policy only softly: at a high learning rate the KL runs away and the reward falls back.
+    max_kl: Positive | None = None
     MOVED: ClassVar = {"data_parallel": "mesh.data"}
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
 # Config keys that may change when a run is resumed: they do not alter the steps already taken.
-MAY_CHANGE = ("train.steps", "train.log_every", "checkpoint.every", "checkpoint.keep_last", "checkpoint.async_save")
+MAY_CHANGE = ("train.steps", "train.log_every", "train.max_kl", "checkpoint.every", "checkpoint.keep_last",
+              "checkpoint.async_save")
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
@@ -200,6 +202,13 @@ def build(cfg: PPOConfig, teacher=None) -> tuple[PPOTrainer, PromptStream]:
     return trainer, stream
 
 
+def kl_stop(max_kl: float | None, scalars: dict) -> str | None:
+    """Why the run stops after a step with these scalars (`train.max_kl`), or None."""
+    if max_kl is not None and float(scalars["kl"]) > max_kl:
+        return f"the sampled responses' KL to the SFT model, {float(scalars['kl']):.3g}, is above train.max_kl = {max_kl}"
+    return None
+
+
 def run(cfg: PPOConfig, *, resume: bool = True, progress: bool = True) -> Result:
     """Train with PPO for cfg.train.steps steps in the one loop (resuming the run in cfg.out_dir if it holds one);
     the actor adapter goes to <out_dir>/actor. The run directory and the inputs are checked first."""
@@ -208,7 +217,8 @@ def run(cfg: PPOConfig, *, resume: bool = True, progress: bool = True) -> Result
     check_inputs(cfg)
     trainer, stream = build(cfg)
     result = loop.train(run_dir, trainer.state, trainer.step, stream, total_steps=cfg.train.steps,
-                        checkpoint=cfg.checkpoint, progress=progress, description="ppo", log_every=cfg.train.log_every)
+                        checkpoint=cfg.checkpoint, progress=progress, description="ppo", log_every=cfg.train.log_every,
+                        stop=partial(kl_stop, cfg.train.max_kl))
     if jax.process_index() == 0:
         hf_io.save_peft_dir(run_dir.path / "actor", jax.device_get(result.state.params["actor"]), trainer.model_cfg,
                             trainer.actor_cfg, base_model_name_or_path=cfg.model.base)

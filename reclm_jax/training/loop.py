@@ -117,12 +117,15 @@ class Result:
 def train(run: RunDir, state: TrainState, step_fn: StepFn, batches: Iterator, *, total_steps: int,
           checkpoint: CheckpointConfig, progress: bool = True, description: str = "train", log_every: int = 1,
           valid_every: int = 0, validate: Callable[[TrainState, int], dict[str, float]] | None = None,
-          patience: int | None = None, peak_flops: float | None = None, max_steps: int | None = None) -> Result:
+          patience: int | None = None, peak_flops: float | None = None, max_steps: int | None = None,
+          stop: Callable[[dict[str, Any]], str | None] | None = None) -> Result:
     """Run (or resume) `step_fn` over `batches` until `total_steps` (or the batches end). `batches` is a
     grain `DatasetIterator` (its position is checkpointed). `validate(state, step)` runs every `valid_every`
     steps and at the end; its metrics are logged as valid/<name> and pick the best checkpoint; with `patience`,
     the run stops after that many validations in a row without a better best_metric (early stopping, also
-    across restarts). `max_steps` stops after that many steps of this call (how tests interrupt a run)."""
+    across restarts). `stop(scalars)`, asked after every step, stops the run there when it returns a reason
+    (logged; a stopped run stays stopped when resumed). `max_steps` stops after that many steps of this call
+    (how tests interrupt a run)."""
     run.start()
     ckpt = Checkpointer(run.checkpoints, keep_last=checkpoint.keep_last, best_metric=checkpoint.best_metric,
                         best_mode=checkpoint.best_mode, async_save=checkpoint.async_save)
@@ -167,7 +170,10 @@ def train(run: RunDir, state: TrainState, step_fn: StepFn, batches: Iterator, *,
             if "loss" in scalars:
                 result.losses[step] = float(scalars["loss"])
             done = step >= total_steps
-            if step % log_every == 0 or done:
+            if stop is not None and (reason := stop(scalars)):
+                stopped = True
+                log.write(f"step {step}: {reason}; stopping")
+            if step % log_every == 0 or done or stopped:
                 result.last = log.step(step, scalars, tokens=tokens, flops=flops)
                 tokens, flops = 0, 0.0
             if validate is not None and valid_every and (step % valid_every == 0 or done):
