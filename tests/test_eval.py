@@ -332,6 +332,9 @@ def test_reward_of_each_answer_by_hand(teacher_dir):
     assert m["+c"]["Reward"]["mean"] == pytest.approx((-3.5 + empty) / 2)
     assert (m["+c"]["Reward"]["lo"], m["+c"]["Reward"]["hi"]) == pytest.approx((-3.5, empty))
     assert "Reward" not in E.score_answers(es, answers, ds.category_matrix, Catalogue(ds.titles))["+c"]
+    # an evaluation of control tasks only: the teacher, which answers I0 alone, has an empty row
+    only_c = EvalSet("test", {"+c": es.tasks["+c"]}, {})
+    assert E.teacher_metrics(Teacher.load(teacher_dir), only_c, ds) == {"seqrec": {}}
 
 
 def run_cli(argv):
