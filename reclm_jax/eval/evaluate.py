@@ -210,8 +210,7 @@ def score_task(task: str, samples: Sequence[Sample], ids: list[list[int]], plain
                category_matrix: np.ndarray, bootstrap: Bootstrap = Bootstrap(),
                teacher: Any = None) -> dict[str, dict[str, float]]:
     """The metrics of one task (`list_metrics`) as estimates: means over the answers with their intervals."""
-    per_list = list_metrics(task, samples, ids, plain, category_matrix, teacher)
-    return estimate(per_list, bootstrap, task) if per_list else {}
+    return estimates({task: list_metrics(task, samples, ids, plain, category_matrix, teacher)}, bootstrap)[task]
 
 
 def parse_answers(answers: Sequence[str], catalogue: Catalogue) -> list[list[int]]:
@@ -260,21 +259,21 @@ def paired_differences(a: dict[str, dict[str, np.ndarray]], b: dict[str, dict[st
     (the same users in the same order). Each interval resamples the users once for both models, as the
     models' own intervals do, so it is the paired 95 % interval of the difference: narrower than the two
     models' intervals suggest whenever their answers to a user go together."""
-    out = {}
+    diffs = {}
     for task in [t for t in a if t in b]:
         shared = [m for m in a[task] if m in b[task]]
         if shared and len(a[task][shared[0]]) != len(b[task][shared[0]]):
             raise ValueError(f"task {task}: {len(a[task][shared[0]])} answers against {len(b[task][shared[0]])}: "
                              "paired differences need the same test users")
-        out[task] = estimates({task: {m: a[task][m] - b[task][m] for m in shared}}, bootstrap)[task] if shared else {}
-    return out
+        diffs[task] = {m: a[task][m] - b[task][m] for m in shared}
+    return estimates(diffs, bootstrap)
 
 
 def teacher_metrics(teacher, eval_set: EvalSet, dataset: Dataset,
                     bootstrap: Bootstrap = Bootstrap()) -> dict[str, dict[str, dict[str, float]]]:
     """The teacher's row of Table 2: its top-10 for the SeqRec test users (all items the user has seen are
     excluded, as in the teacher's own full-ranking evaluation), scored like an answer list."""
-    samples = eval_set.tasks.get(SEQREC, [])  # an evaluation of other tasks only has no teacher row
+    samples = eval_set.tasks.get(SEQREC, [])  # an evaluation of other tasks only: an empty teacher row
     if not samples:
         return {SEQREC: {}}
     histories = [dataset.test_example(s.user)[0] for s in samples]
@@ -420,8 +419,9 @@ def run_evaluation(dataset: Dataset, teacher, runs: Sequence[ModelRun], out_dir:
                 with open(run_dir / "answers.jsonl", "w", encoding="utf-8") as f:
                     for record in answer_records(eval_set, answers, catalogue):
                         f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            per_list[mode].append((label, answer_metrics(eval_set, answers, dataset.category_matrix, catalogue, teacher)))
-            metrics = estimates(per_list[mode][-1][1], bootstrap)
+            values = answer_metrics(eval_set, answers, dataset.category_matrix, catalogue, teacher)
+            per_list[mode].append((label, values))
+            metrics = estimates(values, bootstrap)
             result_file.write_text(json.dumps({"model": label, "settings": wanted, "generation_seconds": seconds,
                                                "metrics": metrics}, indent=1) + "\n")
             rows.append((label, metrics))
