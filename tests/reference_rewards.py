@@ -123,5 +123,6 @@ def sample_rewards(item_ids, k: int, history, target: int, ranks, in_target, con
     legal = ~illegal
     count_in = int((legal & in_target).sum())
     list_ctl = list_control_score(score_sum, count_in, int(legal.sum()) - count_in, k, control)
-    r_item = item_rewards(scores, ctl) if options.item_level else np.zeros(len(item_ids))
-    return r_item, float(list_reward(score_sum, list_ctl, options.list_scale))
+    w = options.control_weight
+    r_item = item_rewards(scores, ctl, w) if options.item_level else np.zeros(len(item_ids))
+    return r_item, float(list_reward(score_sum, list_ctl, options.list_scale, w))

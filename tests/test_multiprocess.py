@@ -40,7 +40,7 @@ def cli(*args: str) -> list[str]:
 
 def env(devices: int) -> dict[str, str]:
     out = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
     return out
 
 

@@ -132,6 +132,32 @@ def test_sample_rewards_plus_c_by_hand():
     assert r_list == pytest.approx(10 * (0.5 * star + 0.5 / math.log2(3 - 2 + 2)))
 
 
+def test_control_weight_one_rewards_only_the_instruction():
+    """-C, k = 10, ten legal items at teacher rank 50 (target not listed). With w = 1, R_item is Scores^ctl
+    (+1 out of C, 0 in C, -1 illegal) and R_list is 10 * 1/log2(miss + 2), miss = 10 - Count_out."""
+    def reward(ids, n_in, w):
+        r_item, r_list = sample_rewards(ids, 10, [1, 2], 999, [50] * 10, [i < n_in for i in range(10)],
+                                        Control("-c"), RewardOptions(control_weight=w))
+        return r_item.sum() + r_list
+    legal = list(range(100, 110))
+    assert reward(legal, 0, 1.0) == pytest.approx(10 + 10)
+    assert reward(legal, 4, 1.0) == pytest.approx(6 + 10 / math.log2(6))
+    assert reward(legal, 3, 1.0) == pytest.approx(7 + 10 / math.log2(5))
+    assert reward(legal[:9] + [-1], 0, 1.0) == pytest.approx(9 - 1 + 10 / math.log2(3))
+    # the paper's weights: one C item fewer is worth 0.72, one invented title fewer 8.69
+    assert reward(legal, 3, 0.5) - reward(legal, 4, 0.5) == pytest.approx(0.72, abs=0.01)
+    assert reward(legal, 0, 0.5) - reward(legal[:9] + [-1], 0, 0.5) == pytest.approx(8.69, abs=0.01)
+
+
+def test_control_weight_does_not_change_i0():
+    args = ([5, 7, -1, 5, 9, 3, 8], 6, [9], 7, [0, 12, 0, 0, 1, 2, 4], [False] * 7, Control())
+    paper_item, paper_list = sample_rewards(*args)
+    for w in (0.0, 1.0):
+        r_item, r_list = sample_rewards(*args, RewardOptions(control_weight=w))
+        np.testing.assert_allclose(r_item, paper_item)
+        assert r_list == pytest.approx(paper_list)
+
+
 def test_v3_switch_drops_item_rewards_only():
     args = ([2, 4, 6], 3, [], 2, [5, 1, 0], [True, False, True], Control("+c"))
     full_item, full_list = sample_rewards(*args)
@@ -160,6 +186,8 @@ def test_bad_inputs_name_the_field():
         sample_rewards([1, 2], 3, [], 1, [0, -1], [True, False], Control())
     with pytest.raises(ValueError, match="list_sum"):
         RewardOptions(list_sum="dcg")
+    with pytest.raises(ValueError, match="control_weight"):
+        RewardOptions(control_weight=1.5)
     with pytest.raises(ValueError, match="kind"):
         Control("+C")
     with pytest.raises(ValueError, match="fraction"):
@@ -208,9 +236,10 @@ def test_rewards_stay_within_their_derived_bounds(s, list_sum):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(samples(), min_size=1, max_size=8), st.booleans(), st.sampled_from(["paper", "idcg"]))
-def test_batch_equals_per_sample(batch, item_level, list_sum):
-    opts = RewardOptions(item_level=item_level, list_sum=list_sum)
+@given(st.lists(samples(), min_size=1, max_size=8), st.booleans(), st.sampled_from(["paper", "idcg"]),
+       st.sampled_from([0.5, 0.0, 0.8, 1.0]))
+def test_batch_equals_per_sample(batch, item_level, list_sum, control_weight):
+    opts = RewardOptions(item_level=item_level, list_sum=list_sum, control_weight=control_weight)
     cols = {key: [s[key] for s in batch] for key in batch[0]}
     r_item, r_list = batch_rewards(cols["item_ids"], cols["k"], cols["history"], cols["target"], cols["ranks"],
                                    cols["in_target"], cols["control"], opts)

@@ -256,7 +256,7 @@ MEASURE = textwrap.dedent("""
 def test_planned_memory_of_the_tiny_preset_is_within_20_percent_of_a_real_step():
     # Large buffers mmapped (and so returned on free) to see the step's own peak in the resident size.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    env.pop("XLA_FLAGS", None)  # the compiler a user's step gets, not test-fast's flags
+    env.pop("XLA_FLAGS", None)  # the compiler a user's step gets, not the suite's fast-compile flags
     proc = subprocess.run([sys.executable, "-c", MEASURE], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -244,7 +244,8 @@ SHARDED_STEP = textwrap.dedent("""
     (s1, m1), (s8, m8) = results
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s8, s1)
+    # (atol 1e-5: the suite's fast-compile flags sum in another order than XLA's default emitters, ~2e-6 apart)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s8, s1)
     print("OK", len(jax.devices()))
 """)
 

@@ -18,7 +18,7 @@ Derived bounds (tested): Scores_i and Scores_i^ctl are -1 or in [0, 1]; R_item i
 -N <= sum(Scores*) <= D_k := sum_{p=1..k} 1/log2(p + 1) (only legal items, at most k of them, are
 positive); Score_list^ctl is sum(Scores*) for I_0 and in [1/log2(k + 2), 1] otherwise; so with scale s
 (`RewardOptions.list_scale`), s * R_list is in s * [-N, D_k] for I_0 and in
-s * [-N/2 + 1/(2 log2(k + 2)), D_k/2 + 1/2] otherwise (divide the sum's bounds by `ideal_dcg(k)` under
+s * [-N/2 + 1/(2 log2(k + 2)), D_k/2 + 1/2] otherwise, with the paper's weights (divide the sum's bounds by `ideal_dcg(k)` under
 list_sum="idcg"). The RL stage adds the KL penalty of Eq. 6 itself.
 
 `batch_rewards` computes them for a batch with numpy; tests/reference_rewards.py holds Algorithm 1 as the
@@ -30,11 +30,11 @@ and evaluation reports (on the test prompts).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 
-from reclm_jax.config import Section
+from reclm_jax.config import Rule, Section
 from reclm_jax.core.controls import KIND_CODE, Control, quota
 from reclm_jax.eval.lists import in_history_mask, pad, repeat_mask, valid_mask
 from reclm_jax.llm.sampling import bucket
@@ -51,11 +51,18 @@ class RewardOptions(Section):
     # (`ideal_dcg`) wherever it appears (Eq. 5, and Eq. 4's I_0 case), as the official code does and the
     # paper does not.
     list_sum: Literal["paper", "idcg"] = "paper"
+    # w, the weight of the control terms against the preference terms: R_item = (1 - w) Scores + w Scores^ctl
+    # and R_list = (1 - w) sum(Scores*) + w Score_list^ctl. The paper's Eq. 2 and 5 weigh both 0.5. Under it a
+    # -C item in C costs ~0.7 and an invented title ~8.7 (REPRODUCTION.md, experiment 4), so PPO learns the
+    # titles first; w = 1 rewards only obeying the instruction (and existing). I_0 does not depend on w
+    # (its control terms are its preference terms).
+    control_weight: Annotated[float, Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.5
 
 
-def item_rewards(scores, ctl_scores) -> np.ndarray:
-    """R_item (Eq. 2) = 0.5 * Scores + 0.5 * Scores^ctl, in [-1, 1]. For I_0 it equals Scores."""
-    return 0.5 * np.asarray(scores) + 0.5 * np.asarray(ctl_scores)
+def item_rewards(scores, ctl_scores, control_weight: float = 0.5) -> np.ndarray:
+    """R_item (Eq. 2) = 0.5 * Scores + 0.5 * Scores^ctl, in [-1, 1] (0.5 is the default `control_weight`, the
+    weight of Scores^ctl). For I_0 it equals Scores."""
+    return (1.0 - control_weight) * np.asarray(scores) + control_weight * np.asarray(ctl_scores)
 
 
 def ideal_dcg(k) -> np.ndarray:
@@ -66,12 +73,13 @@ def ideal_dcg(k) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(terms)])[k]
 
 
-def list_reward(score_sum, list_ctl, scale: float = 10.0) -> float:
-    """scale * R_list, with R_list (Eq. 5) = 0.5 * sum(Scores*) + 0.5 * Score_list^ctl.
+def list_reward(score_sum, list_ctl, scale: float = 10.0, control_weight: float = 0.5) -> float:
+    """scale * R_list, with R_list (Eq. 5) = 0.5 * sum(Scores*) + 0.5 * Score_list^ctl (0.5: the default
+    `control_weight`, the weight of Score_list^ctl).
 
     The default scale 10 is the paper's amplification (section 2.3.3); scale=1 gives Eq. 5 itself.
     """
-    return scale * (0.5 * score_sum + 0.5 * list_ctl)
+    return scale * ((1.0 - control_weight) * score_sum + control_weight * list_ctl)
 
 
 def batch_rewards(item_ids: Sequence[Sequence[int]], k, history: Sequence[Sequence[int]], target,
@@ -141,8 +149,9 @@ def batch_rewards(item_ids: Sequence[Sequence[int]], k, history: Sequence[Sequen
                      [k - cin, k - cout, np.maximum(cin - q, 0.0), np.maximum(q - cin, 0.0)],
                      np.abs(cin - q))
     list_ctl = np.where(kind[:, 0] == KIND_CODE["seq"], score_sum, 1.0 / np.log2(miss + 2.0))
-    r_item = item_rewards(scores, ctl) if options.item_level else np.zeros_like(scores)
-    return r_item, list_reward(score_sum, list_ctl, options.list_scale)
+    w = options.control_weight
+    r_item = item_rewards(scores, ctl, w) if options.item_level else np.zeros_like(scores)
+    return r_item, list_reward(score_sum, list_ctl, options.list_scale, w)
 
 
 def teacher_ranks(teacher: Any, item_ids: Sequence[Sequence[int]], k: Sequence[int],
