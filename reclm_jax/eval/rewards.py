@@ -18,8 +18,8 @@ Derived bounds (tested): Scores_i and Scores_i^ctl are -1 or in [0, 1]; R_item i
 -N <= sum(Scores*) <= D_k := sum_{p=1..k} 1/log2(p + 1) (only legal items, at most k of them, are
 positive); Score_list^ctl is sum(Scores*) for I_0 and in [1/log2(k + 2), 1] otherwise; so with scale s
 (`RewardOptions.list_scale`), s * R_list is in s * [-N, D_k] for I_0 and in
-s * [-N/2 + 1/(2 log2(k + 2)), D_k/2 + 1/2] otherwise, with the paper's weights (divide the sum's bounds by `ideal_dcg(k)` under
-list_sum="idcg"). The RL stage adds the KL penalty of Eq. 6 itself.
+s * [-N/2 + 1/(2 log2(k + 2)), D_k/2 + 1/2] otherwise, under the paper's weights (divide the sum's bounds by
+`ideal_dcg(k)` under list_sum="idcg"). The RL stage adds the KL penalty of Eq. 6 itself.
 
 `batch_rewards` computes them for a batch with numpy; tests/reference_rewards.py holds Algorithm 1 as the
 per-sample loop the paper prints, which it is tested equal to. `teacher_ranks` asks a teacher for the ranks
@@ -52,10 +52,10 @@ class RewardOptions(Section):
     # paper does not.
     list_sum: Literal["paper", "idcg"] = "paper"
     # w, the weight of the control terms against the preference terms: R_item = (1 - w) Scores + w Scores^ctl
-    # and R_list = (1 - w) sum(Scores*) + w Score_list^ctl. The paper's Eq. 2 and 5 weigh both 0.5. Under it a
-    # -C item in C costs ~0.7 and an invented title ~8.7 (REPRODUCTION.md, experiment 4), so PPO learns the
-    # titles first; w = 1 rewards only obeying the instruction (and existing). I_0 does not depend on w
-    # (its control terms are its preference terms).
+    # and R_list = (1 - w) sum(Scores*) + w Score_list^ctl. The paper's Eq. 2 and 5 weigh both 0.5, under which a
+    # -C item in C costs ~0.7 and an invented title ~8.7; w = 1 rewards only obeying the instruction (with real,
+    # new titles): REPRODUCTION.md, experiments 4 and 5. I_0 does not depend on w (its control terms are its
+    # preference terms).
     control_weight: Annotated[float, Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.5
 
 
