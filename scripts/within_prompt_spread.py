@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from reclm_jax import config
-from reclm_jax.eval.lists import in_category
 from reclm_jax.rl import rollout
 from reclm_jax.rl.config import PPOConfig
 from reclm_jax.rl.trainer import build
@@ -44,9 +43,7 @@ def main() -> None:
     scorer = trainer.scorer
     scores, _ = scorer.score(prompts, gen.tokens, gen.lengths, r.responses_per_prompt, trainer.policy.stop_ids)
     owners = [p for p in prompts for _ in range(r.responses_per_prompt)]
-    ids = [[it.item_id for it in scorer.catalogue.parse(scorer.decode(gen.tokens[i, :gen.lengths[i]].tolist()))]
-           for i in range(len(owners))]
-    flags = in_category(ids, [p.category for p in owners], scorer.category_matrix)
+    _, _, ids, flags = scorer.parse(owners, [gen.tokens[i, :gen.lengths[i]].tolist() for i in range(len(owners))])
     shape = (len(prompts), r.responses_per_prompt)
     in_c = np.array([sum(f[:p.k]) for f, p in zip(flags, owners)], float).reshape(shape)
     invented = np.array([sum(i < 0 for i in row[:p.k]) for row, p in zip(ids, owners)], float).reshape(shape)

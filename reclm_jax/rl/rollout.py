@@ -85,6 +85,14 @@ class Scorer:
         self.decode = decode
         self.options = options
 
+    def parse(self, owners: Sequence[Prompt], responses: Sequence[Sequence[int]]):
+        """(texts, parsed items, item ids (-1: not a title), in_target flags) of responses, response i answering
+        owners[i]."""
+        texts = [self.decode(r) for r in responses]
+        parsed = [self.catalogue.parse(t) for t in texts]
+        item_ids = [[it.item_id for it in items] for items in parsed]
+        return texts, parsed, item_ids, in_category(item_ids, [p.category for p in owners], self.category_matrix)
+
     def score(self, prompts: Sequence[Prompt], tokens: np.ndarray, lengths: np.ndarray, responses_per_prompt: int,
               stop_ids: Sequence[int] = ()) -> tuple[np.ndarray, dict[str, float]]:
         """(scores [N, W] float32 with W = tokens.shape[1], statistics) for N = len(prompts) x responses_per_prompt
@@ -94,13 +102,10 @@ class Scorer:
             raise ValueError(f"{n} responses for {len(prompts)} prompts x {responses_per_prompt}")
         owners = [prompts[i // responses_per_prompt] for i in range(n)]
         responses = [np.asarray(tokens[i, : lengths[i]]).tolist() for i in range(n)]
-        texts = [self.decode(r) for r in responses]
-        parsed = [self.catalogue.parse(t) for t in texts]
-        item_ids = [[it.item_id for it in items] for items in parsed]
+        texts, parsed, item_ids, in_target = self.parse(owners, responses)
 
         ks, histories = [p.k for p in owners], [p.history for p in owners]
         ranks = teacher_ranks(self.teacher, item_ids, ks, histories)
-        in_target = in_category(item_ids, [p.category for p in owners], self.category_matrix)
         r_item, r_list = batch_rewards(item_ids, ks, histories, [p.target for p in owners], ranks, in_target,
                                        [p.control for p in owners], self.options)
 
