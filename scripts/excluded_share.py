@@ -71,7 +71,7 @@ def main() -> None:
                 raise SystemExit(f"--i0: no I0 answers of {run.name} at {i0_file}")
             plain = {a["user"]: [i for i in a["items"][:a["k"]] if i >= 0] for a in read(args.i0 / run.name, "seqrec")}
         tcp, real, shares, distinct, with_, without, users = [], [], [], [], [], [], []
-        answers = [a for a in read(run, "-c") if a["controls"][0][0] == "-c"]  # not their no-control twins
+        answers = [a for a in read(run, "-c") if [c[0] for c in a["controls"]] == ["-c"]]  # not no-control twins
         for a in answers:
             (_, _, category), = a["controls"]
             items = [i for i in a["items"][:a["k"]] if i >= 0]
