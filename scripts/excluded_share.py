@@ -35,10 +35,16 @@ def interval(e: dict) -> str:
     return f"{e['mean']:.1f} [{e['lo']:.1f}, {e['hi']:.1f}] n={e['n']}"
 
 
-def intervals(values: dict[str, list[float]]) -> dict[str, str]:
-    """Mean [95 % interval] n=lists of each column, bootstrapped as the evaluation tables are (users resampled
-    per task), all columns with the same resamples, so a difference column is paired."""
-    return {name: interval(e) for name, e in estimate(values, Bootstrap(), "-c").items()}
+def intervals(values: dict[str, list[float]], bootstrap: Bootstrap) -> dict[str, str]:
+    """Mean [95 % interval] n=lists of each column, all columns with the same resamples, so a difference column
+    is paired."""
+    return {name: interval(e) for name, e in estimate(values, bootstrap, "-c").items()}
+
+
+def tables_bootstrap(run: Path) -> Bootstrap:
+    """The resamples the evaluation's own tables drew for this run (its test seed), so the intervals agree."""
+    settings = json.loads((run / "metrics.json").read_text())["settings"]
+    return Bootstrap(settings["bootstrap_resamples"], settings["seed"])
 
 
 def read(run: Path, task: str) -> list[dict]:
@@ -88,13 +94,14 @@ def main() -> None:
                         with_.append(distinct[-1])
                         without.append(share(list(dict.fromkeys(plain[a["user"]])), in_category, category))
         titles = Counter(i for a in answers for i in set(a["items"][:a["k"]]) if i >= 0)
-        cells = [intervals({"x": tcp})["x"], intervals({"x": shares})["x"], intervals({"x": real})["x"],
-                 intervals({"x": distinct})["x"], str(len(titles)),
+        bootstrap = tables_bootstrap(run)
+        cells = [intervals({"x": x}, bootstrap)["x"] for x in (tcp, shares, real, distinct)] + [
+                 str(len(titles)),
                  f"{100 * max(titles.values(), default=0) / len(answers):.0f}"]
         if args.i0:
             effect = np.subtract(with_, without)
             effects[run] = dict(zip(users, effect))
-            paired = intervals({"without": without, "diff": list(effect)})
+            paired = intervals({"without": without, "diff": list(effect)}, bootstrap)
             cells += [paired["without"], paired["diff"]]
         print(f"| {run.name} | " + " | ".join(cells) + " |")
     if len(effects) > 1:
@@ -103,7 +110,7 @@ def main() -> None:
         for run in rest:
             common = sorted(effects[first].keys() & effects[run].keys())
             diff = [effects[run][u] - effects[first][u] for u in common]
-            print(f"| {run.name} | {intervals({'x': diff})['x']} |")
+            print(f"| {run.name} | {intervals({'x': diff}, tables_bootstrap(run))['x']} |")
 
 
 if __name__ == "__main__":
