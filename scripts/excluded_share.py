@@ -48,7 +48,13 @@ def tables_bootstrap(run: Path) -> Bootstrap:
 
 
 def read(run: Path, task: str) -> list[dict]:
-    return [a for a in map(json.loads, (run / "answers.jsonl").open()) if a["task"] == task]
+    return [a for a in map(json.loads, (run / "answers.jsonl").read_text().splitlines()) if a["task"] == task]
+
+
+def real_items(answer: dict, distinct: bool = False) -> list[int]:
+    """The catalogue items among the answer's first k, in order (each once if `distinct`)."""
+    items = [i for i in answer["items"][:answer["k"]] if i >= 0]
+    return list(dict.fromkeys(items)) if distinct else items
 
 
 def share(items: list[int], in_category: np.ndarray, category: int) -> float:
@@ -75,25 +81,25 @@ def main() -> None:
             i0_file = args.i0 / run.name / "answers.jsonl"
             if not i0_file.exists():
                 raise SystemExit(f"--i0: no I0 answers of {run.name} at {i0_file}")
-            plain = {a["user"]: [i for i in a["items"][:a["k"]] if i >= 0] for a in read(args.i0 / run.name, "seqrec")}
+            plain = {a["user"]: real_items(a, distinct=True) for a in read(args.i0 / run.name, "seqrec")}
         tcp, real, shares, distinct, with_, without, users = [], [], [], [], [], [], []
         answers = [a for a in read(run, "-c") if [c[0] for c in a["controls"]] == ["-c"]]  # not no-control twins
         for a in answers:
             (_, _, category), = a["controls"]
-            items = [i for i in a["items"][:a["k"]] if i >= 0]
+            items = real_items(a)
             tcp.append(100 * sum(bool(in_category[i, category]) for i in items) / a["k"])
             real.append(len(items))
             if items:
                 shares.append(share(items, in_category, category))
-                distinct.append(share(list(dict.fromkeys(items)), in_category, category))
+                distinct.append(share(real_items(a, distinct=True), in_category, category))
                 if args.i0:
                     if a["user"] not in plain:
                         raise SystemExit(f"--i0: user {a['user']} has no I0 answer of {run.name}")
                     if plain[a["user"]]:
                         users.append(a["user"])
                         with_.append(distinct[-1])
-                        without.append(share(list(dict.fromkeys(plain[a["user"]])), in_category, category))
-        titles = Counter(i for a in answers for i in set(a["items"][:a["k"]]) if i >= 0)
+                        without.append(share(plain[a["user"]], in_category, category))
+        titles = Counter(i for a in answers for i in real_items(a, distinct=True))
         bootstrap = tables_bootstrap(run)
         cells = [intervals({"x": x}, bootstrap)["x"] for x in (tcp, shares, real, distinct)] + [
                  str(len(titles)),
