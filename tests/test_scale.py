@@ -114,7 +114,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     ratio = flops(c1) / flops(c8)
     assert 7.5 < ratio <= 8.01, ratio
     cache_k = c8.output_shardings[1]["k"]
-    assert cache_k.shard_shape((cfg.num_layers, 16, 32, 4, 16))[1] == 2, cache_k
+    assert cache_k.shard_shape((cfg.num_layers, 16, 4, 16, 32))[1] == 2, cache_k
     print("prefill flops ratio", ratio)
 
     # PPO: rollout on the replicated base and the data-parallel update (per-device shuffle, interleaved

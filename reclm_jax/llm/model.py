@@ -26,9 +26,13 @@ all continue (several responses to one prompt in one row, each positioned after 
 (`init_cache(cfg, batch, max_len)`), the T tokens are written at slots `cache["index"] ...` and attend to all
 earlier real slots; the returned cache has them added. Cache pytree:
 
-    {"k": [L, B, S, Hkv, Dh], "v": [L, B, S, Hkv, Dh],   # in cfg.compute_dtype
+    {"k": [L, B, Hkv, Dh, S], "v": [L, B, Hkv, S, Dh],   # in cfg.compute_dtype
      "mask": [B, S] bool,                               # slot holds a real token
      "index": int32 scalar}                             # next slot to write (shared by the batch)
+
+The cache is head-major with keys transposed, so that both attention products are plain batched matrix products
+over contiguous [Dh, S] and [S, Dh] blocks (`cached_attention`): on XLA's CPU backend a [B, S, Hkv, Dh] cache made
+decode attention 1.6-1.9x slower (`benchmarks/bench_decode_attention.py`).
 
 Inside `jax.set_mesh(mesh)` the residual stream and the cache are pinned to the mesh's batch axes
 (`sharding.constrain_batch`); the weights' layout comes from their own placement.
@@ -86,12 +90,12 @@ def init_params(key: jax.Array, cfg: LlamaConfig, std: float = 0.02) -> Params:
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
     """An empty KV cache of `max_len` slots (dtype defaults to cfg.compute_dtype)."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    lead = (cfg.num_layers, batch, cfg.num_kv_heads)
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
     # Under a mesh the cache is split over the batch axes like the prompts (see `sharding.constrain_batch`).
-    kv = lambda: constrain_batch(jnp.zeros(shape, dtype), dim=1)  # noqa: E731
-    return {"k": kv(), "v": kv(), "mask": constrain_batch(jnp.zeros((batch, max_len), bool)),
-            "index": jnp.zeros((), jnp.int32)}
+    kv = lambda *shape: constrain_batch(jnp.zeros(lead + shape, dtype), dim=1)  # noqa: E731
+    return {"k": kv(cfg.head_dim, max_len), "v": kv(max_len, cfg.head_dim),
+            "mask": constrain_batch(jnp.zeros((batch, max_len), bool)), "index": jnp.zeros((), jnp.int32)}
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -136,9 +140,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, hq * dh)
 
 
-def _decoder_layer(cfg: LlamaConfig, lora_cfg: LoraConfig | None, h, layer, adapter, rng, cos, sin, kv_fn):
-    """One pre-norm block. `kv_fn(k, v) -> (keys, values, mask, aux)` supplies what the queries attend to;
-    returns (h, aux)."""
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attention` over one layer's cache. q [B,T,Hq,Dh], keys [B,Hkv,Dh,S], values [B,Hkv,S,Dh], mask [B,T,S]
+    -> [B,T,Hq*Dh].
+
+    A kv head's T x (Hq / Hkv) queries form the rows of one matrix, so each product is [T*G, Dh] x [Dh, S].
+    """
+    b, t, hq, dh = q.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
+    q = q.reshape(b, t, hkv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * g, dh)
+    scores = jnp.einsum("bkmd,bkds->bkms", q, keys, preferred_element_type=jnp.float32) * dh ** -0.5
+    rows_mask = jnp.repeat(mask, g, axis=1)[:, None]  # [B, 1, T*G, S], rows in q's (t, g) order
+    scores = jnp.where(rows_mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, values)
+    return out.reshape(b, hkv, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, hq * dh)
+
+
+def _decoder_layer(cfg: LlamaConfig, lora_cfg: LoraConfig | None, h, layer, adapter, rng, cos, sin, attend):
+    """One pre-norm block. `attend(q, k, v) -> (attention output [B,T,Hq*Dh], aux)` decides what the queries
+    attend to; returns (h, aux)."""
     b, t, _ = h.shape
 
     def linear(name, x):
@@ -151,8 +173,8 @@ def _decoder_layer(cfg: LlamaConfig, lora_cfg: LoraConfig | None, h, layer, adap
     k = linear("k", x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = linear("v", x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values, mask, aux = kv_fn(k, v)
-    h = h + linear("o", attention(q, keys, values, mask))
+    out, aux = attend(q, k, v)
+    h = h + linear("o", out)
     x = rms_norm(h, layer["mlp_norm"], cfg.rms_norm_eps)
     return constrain_batch(h + linear("down", jax.nn.silu(linear("gate", x)) * linear("up", x))), aux
 
@@ -200,7 +222,7 @@ def forward(
         def block(h, xs):
             layer, adapter, rng = xs
             return _decoder_layer(cfg, lora_cfg, h, layer, adapter, rng, cos, sin,
-                                  lambda k, v: (k, v, mask, None))
+                                  lambda q, k, v: (attention(q, k, v, mask), None))
 
         if cfg.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -218,16 +240,17 @@ def forward(
             h, cache_k, cache_v = carry
             layer, adapter, rng, i = xs
 
-            def kv_fn(k, v):
+            def attend(q, k, v):
                 # Write this layer's new keys/values in place, then attend over the whole cache row.
-                start = (i, 0, index, 0, 0)
-                ck = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-                cv = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+                k = k.transpose(0, 2, 3, 1)[None].astype(cache_k.dtype)  # [1, B, Hkv, Dh, T]
+                v = v.transpose(0, 2, 1, 3)[None].astype(cache_v.dtype)  # [1, B, Hkv, T, Dh]
+                ck = jax.lax.dynamic_update_slice(cache_k, k, (i, 0, 0, 0, index))
+                cv = jax.lax.dynamic_update_slice(cache_v, v, (i, 0, 0, index, 0))
                 keys = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(cdt)
                 values = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(cdt)
-                return keys, values, mask, (ck, cv)
+                return cached_attention(q, keys, values, mask), (ck, cv)
 
-            h, (cache_k, cache_v) = _decoder_layer(cfg, lora_cfg, h, layer, adapter, rng, cos, sin, kv_fn)
+            h, (cache_k, cache_v) = _decoder_layer(cfg, lora_cfg, h, layer, adapter, rng, cos, sin, attend)
             return (h, cache_k, cache_v), None
 
         xs = (params["layers"], layer_adapters, layer_rngs, jnp.arange(cfg.num_layers))
