@@ -124,6 +124,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
+def _masked_probs(scores: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
+    """Softmax over the last axis of float32 scores where `mask` (broadcast to them) holds, in `dtype`."""
+    # A finite minimum keeps fully masked rows (left padding) finite instead of NaN.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention. q [B,T,Hq,Dh], k/v [B,S,Hkv,Dh], mask [B,T,S] -> [B,T,Hq*Dh].
 
@@ -133,9 +140,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     hkv = k.shape[2]
     q = q.reshape(b, t, hkv, hq // hkv, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * dh ** -0.5
-    # A finite minimum keeps fully masked rows (left padding) finite instead of NaN.
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _masked_probs(scores, mask[:, None, None], v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, hq * dh)
 
@@ -152,8 +157,7 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     q = q.reshape(b, t, hkv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * g, dh)
     scores = jnp.einsum("bkmd,bkds->bkms", q, keys, preferred_element_type=jnp.float32) * dh ** -0.5
     rows_mask = jnp.repeat(mask, g, axis=1)[:, None]  # [B, 1, T*G, S], rows in q's (t, g) order
-    scores = jnp.where(rows_mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    probs = _masked_probs(scores, rows_mask, values.dtype)
     out = jnp.einsum("bkms,bksd->bkmd", probs, values)
     return out.reshape(b, hkv, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, hq * dh)
 
