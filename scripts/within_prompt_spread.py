@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from reclm_jax import config
+from reclm_jax.eval.rewards import answer_rewards
 from reclm_jax.rl import rollout
 from reclm_jax.rl.config import PPOConfig
 from reclm_jax.rl.trainer import build
@@ -41,13 +42,14 @@ def main() -> None:
     gen = rollout.sample(trainer.base, trainer.state.params["actor"], prompts, jax.random.key(cfg.seed),
                          model_cfg=trainer.model_cfg, actor_cfg=trainer.actor_cfg, rollout=r, policy=trainer.policy)
     scorer = trainer.scorer
-    scores, _ = scorer.score(prompts, gen.tokens, gen.lengths, r.responses_per_prompt, trainer.policy.stop_ids)
     owners = [p for p in prompts for _ in range(r.responses_per_prompt)]
     _, _, ids, flags = scorer.parse(owners, [gen.tokens[i, :gen.lengths[i]].tolist() for i in range(len(owners))])
     shape = (len(prompts), r.responses_per_prompt)
     in_c = np.array([sum(f[:p.k]) for f, p in zip(flags, owners)], float).reshape(shape)
     invented = np.array([sum(i < 0 for i in row[:p.k]) for row, p in zip(ids, owners)], float).reshape(shape)
-    reward = scores.sum(1).reshape(shape)
+    reward = answer_rewards(scorer.teacher, ids, [p.k for p in owners], [p.history for p in owners],
+                            [p.target for p in owners], flags, [p.control for p in owners],
+                            scorer.options).reshape(shape)
     print(f"{len(prompts)} prompts x {r.responses_per_prompt} sampled answers")
     print("| per answer | mean | sd between prompts | sd within a prompt |\n|---|---:|---:|---:|")
     for name, v in (("C items among the first k", in_c), ("invented titles among the first k", invented),

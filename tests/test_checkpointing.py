@@ -155,3 +155,23 @@ def test_run_log_reports_throughput_only_for_steps_that_count_tokens(tmp_path):
     assert "step_time_s" not in records[1]  # no previous step to time against
     assert records[2]["step_time_s"] > 0 and "tokens_per_s" not in records[2]  # the teacher: no "0 tok/s"
     assert records[3]["tokens_per_s"] == pytest.approx(64 / records[3]["step_time_s"])
+
+
+def test_a_step_that_runs_out_of_memory_names_the_last_checkpoint_and_the_plan_command(tmp_path):
+    """XLA's RESOURCE_EXHAUSTED in a step becomes a RunError saying what was kept and where to look."""
+    import jax
+
+    from reclm_jax.core.errors import RunError
+    from reclm_jax.teacher.config import TeacherConfig
+    from reclm_jax.training.loop import CheckpointConfig, RunDir, train
+
+    def step(s, batch):
+        if int(s["step"]) == 2:  # a program whose output (1 PiB) no allocator grants
+            jax.jit(lambda: jnp.ones((1 << 50,), jnp.uint8))().block_until_ready()
+        return {**s, "step": s["step"] + 1}, {"loss": 0.0}
+
+    with pytest.raises(RunError, match=r"step 3 ran out of memory \(RESOURCE_EXHAUSTED: .*\); the last checkpoint is "
+                                       r"step 2 in .*reclm-jax plan --config .*config\.yaml"):
+        train(RunDir(tmp_path, TeacherConfig()), state(0), step, iter(batches()), total_steps=5,
+              checkpoint=CheckpointConfig(every=2), progress=False)
+    assert saved_steps(tmp_path / "checkpoints" / "last") == [2]

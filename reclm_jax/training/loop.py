@@ -157,7 +157,16 @@ def train(run: RunDir, state: TrainState, step_fn: StepFn, batches: Iterator, *,
             except StopIteration:
                 log.write(f"the data ended after step {step}")
                 break
-            state, scalars = step_fn(state, batch)
+            try:
+                state, scalars = step_fn(state, batch)
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                ckpt.wait()
+                raise RunError(f"step {step + 1} ran out of memory ({str(e).splitlines()[0]}); the last checkpoint is "
+                               f"step {ckpt.latest_step()} in {run.checkpoints}. For SFT and PPO runs `reclm-jax plan "
+                               f"--config {run.path / CONFIG}` shows each program's memory and what to lower (a "
+                               "smaller batch or minibatch, shorter sequences, model.remat=full)") from e
             if not scalars.pop("finite", True):
                 ckpt.wait()
                 raise RunError(f"step {step + 1}: loss {scalars.get('loss')} or gradient norm {scalars.get('grad_norm')}"
