@@ -9,12 +9,17 @@ import textwrap
 import time
 
 import grain
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
 
+from reclm_jax import config
+from reclm_jax.core.errors import RunError
+from reclm_jax.teacher.config import TeacherConfig
 from reclm_jax.training.checkpoints import Checkpointer, abstract
+from reclm_jax.training.loop import CONFIG, CheckpointConfig, RunDir, train
 from reclm_jax.training.run_log import RunLog
 
 
@@ -125,11 +130,6 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_restored(tmp_pa
 
 
 def test_a_key_added_since_a_run_was_recorded_resumes_while_it_keeps_its_default(tmp_path):
-    from reclm_jax import config
-    from reclm_jax.core.errors import RunError
-    from reclm_jax.teacher.config import TeacherConfig
-    from reclm_jax.training.loop import CONFIG, RunDir
-
     # a run recorded before `optim.eps` and `eval.batch_size` existed, and with an `old_key` that no longer does
     recorded = config.to_dict(TeacherConfig())
     del recorded["optim"]["eps"], recorded["eval"]["batch_size"]
@@ -159,12 +159,6 @@ def test_run_log_reports_throughput_only_for_steps_that_count_tokens(tmp_path):
 
 def test_a_step_that_runs_out_of_memory_names_the_last_checkpoint_and_the_plan_command(tmp_path):
     """XLA's RESOURCE_EXHAUSTED in a step becomes a RunError saying what was kept and where to look."""
-    import jax
-
-    from reclm_jax.core.errors import RunError
-    from reclm_jax.teacher.config import TeacherConfig
-    from reclm_jax.training.loop import CheckpointConfig, RunDir, train
-
     def step(s, batch):
         if int(s["step"]) == 2:  # a program whose output (1 PiB) no allocator grants
             jax.jit(lambda: jnp.ones((1 << 50,), jnp.uint8))().block_until_ready()
