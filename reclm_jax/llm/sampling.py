@@ -193,7 +193,8 @@ def generate(
 ) -> GenerationResult:
     """Sample continuations of `prompts` (token id lists); see the module docstring. With `constraint` (one
     row per prompt), every answer follows its row's catalogue automaton (`llm.constrain`); `logprobs` are then
-    those of the masked distribution the tokens were drawn from (so PPO does not use constrained rollouts)."""
+    those of the masked distribution the tokens were drawn from (PPO on constrained rollouts recomputes the
+    policy's own: `rl.config.RolloutConfig.constrain`)."""
     if not prompts:
         raise ValueError("generate: prompts is empty")
     if any(len(p) == 0 for p in prompts):

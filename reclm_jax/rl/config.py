@@ -65,6 +65,11 @@ class RolloutConfig(Section):
     # case and cut-off annotations, so an invented suffix ("Heat (3)") is never penalised
     title_match: Literal["strict", "lenient"] = "strict"
     fuzzy_titles: bool = False  # also match titles within Levenshtein distance 3 (the official code's option)
+    # "catalogue": sample under catalogue-constrained decoding (`llm.constrain`: exactly k distinct catalogue
+    # titles outside the history), so that no sampled list has an invented title, a repeat or a wrong count and
+    # the rewards differ only in what the lists recommend (teacher scores, the instruction). The policy trained
+    # is the unconstrained one (needs ppo.recompute_logprobs: the ratio and KL use its own log-probs).
+    constrain: Literal["none", "catalogue"] = "none"
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,10 @@ class PPOConfig(Section):
                              "mesh.data and mesh.fsdp, and the base over mesh.fsdp")
         if self.optim.schedule != "constant":
             raise ValueError(f"optim.schedule must be 'constant' for PPO, got {self.optim.schedule!r}")
+        if self.rollout.constrain != "none" and not self.ppo.recompute_logprobs:
+            raise ValueError(f"rollout.constrain = {self.rollout.constrain!r} needs ppo.recompute_logprobs = true: "
+                             "the sampler's log-probs are those of the constrained distribution, while PPO's ratio "
+                             "and KL compare the policy's own")
         if self.rollout.prompts_per_step % self.ppo.minibatches:
             raise ValueError(f"rollout.prompts_per_step = {self.rollout.prompts_per_step} must divide into "
                              f"ppo.minibatches = {self.ppo.minibatches} (a minibatch takes whole prompts, each "

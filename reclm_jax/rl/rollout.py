@@ -36,6 +36,7 @@ from reclm_jax.eval.lists import in_category
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.eval.rewards import RewardOptions, batch_rewards, teacher_ranks
 from reclm_jax.llm import sampling
+from reclm_jax.llm.automaton import Automaton
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig, LoraConfig
 from reclm_jax.rl.config import RolloutConfig
@@ -66,12 +67,17 @@ def prompts_from_samples(samples: Sequence[Any], policy: ChatPolicy, max_prompt_
 
 
 def sample(base, actor, prompts: Sequence[Prompt], key: jax.Array, *, model_cfg: LlamaConfig,
-           actor_cfg: LoraConfig, rollout: RolloutConfig, policy: ChatPolicy) -> sampling.GenerationResult:
-    """`rollout.responses_per_prompt` sampled responses per prompt from the policy (base + actor LoRA)."""
-    rows = [list(p.tokens) for p in prompts for _ in range(rollout.responses_per_prompt)]
-    return sampling.generate(base, model_cfg, rows, max_new_tokens=rollout.max_new_tokens,
+           actor_cfg: LoraConfig, rollout: RolloutConfig, policy: ChatPolicy,
+           automaton: Automaton | None = None) -> sampling.GenerationResult:
+    """`rollout.responses_per_prompt` sampled responses per prompt from the policy (base + actor LoRA); with
+    `automaton` (the catalogue's, `rollout.constrain: catalogue`), each a list of exactly k distinct catalogue
+    titles outside the prompt's history."""
+    owners = [p for p in prompts for _ in range(rollout.responses_per_prompt)]
+    constraint = None if automaton is None else automaton.rows([p.k for p in owners], [p.history for p in owners])
+    return sampling.generate(base, model_cfg, [list(p.tokens) for p in owners], max_new_tokens=rollout.max_new_tokens,
                              temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p, rng=key,
-                             eos_ids=policy.stop_ids, pad_id=policy.pad_id, lora=actor, lora_cfg=actor_cfg)
+                             eos_ids=policy.stop_ids, pad_id=policy.pad_id, lora=actor, lora_cfg=actor_cfg,
+                             constraint=constraint)
 
 
 class Scorer:

@@ -37,6 +37,7 @@ from reclm_jax.core.errors import UserError
 from reclm_jax.data import load_dataset
 from reclm_jax.eval.parse import Catalogue
 from reclm_jax.llm import hf_io, lora as lora_lib, sharding
+from reclm_jax.llm.automaton import catalogue_automaton
 from reclm_jax.llm.chat import ChatPolicy
 from reclm_jax.llm.config import LlamaConfig
 from reclm_jax.llm.sharding import MeshConfig, initialize_distributed
@@ -98,6 +99,8 @@ class PPOTrainer:
         self.state = jax.jit(init_state, static_argnums=(2, 3), out_shardings=self.replicated)(
             self.keys["init"], self.base, model_cfg, cfg)
         self.actor_cfg, self.critic_cfg = cfg.actor_lora, cfg.critic_lora
+        self.automaton = (catalogue_automaton(scorer.catalogue.titles, policy.tokenizer)
+                          if cfg.rollout.constrain == "catalogue" else None)
 
     def step(self, state: TrainState, prompts: list[rollout.Prompt]) -> tuple[TrainState, dict[str, Any]]:
         """Sample, score and update on `prompts` (rollout.prompts_per_step of them) as step number state.step."""
@@ -107,7 +110,7 @@ class PPOTrainer:
         sample_key, update_key = jax.random.split(jax.random.fold_in(self.keys["steps"], int(state.step)))
         clock = [(time.perf_counter(), time.process_time())]
         gen = rollout.sample(self.base, state.params["actor"], prompts, sample_key, model_cfg=self.model_cfg,
-                             actor_cfg=self.actor_cfg, rollout=r, policy=self.policy)
+                             actor_cfg=self.actor_cfg, rollout=r, policy=self.policy, automaton=self.automaton)
         clock.append((time.perf_counter(), time.process_time()))
         scores, stats = self.scorer.score(prompts, gen.tokens, gen.lengths, r.responses_per_prompt, self.policy.stop_ids)
         batch = rollout.build_batch(prompts, gen, scores, r.responses_per_prompt, self.policy.pad_id)
