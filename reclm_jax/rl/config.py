@@ -68,7 +68,8 @@ class RolloutConfig(Section):
     # "catalogue": sample under catalogue-constrained decoding (`llm.constrain`: exactly k distinct catalogue
     # titles outside the history), so that no sampled list has an invented title, a repeat or a wrong count and
     # the rewards differ only in what the lists recommend (teacher scores, the instruction). The policy trained
-    # is the unconstrained one (needs ppo.recompute_logprobs: the ratio and KL use its own log-probs).
+    # is the unconstrained one (needs ppo.recompute_logprobs: the ratio and KL use its own log-probs). Measured in
+    # REPRODUCTION.md's experiment 8, it harmed: nothing keeps the policy's mass off what the mask hides.
     constrain: Literal["none", "catalogue"] = "none"
 
 
