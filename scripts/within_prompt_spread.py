@@ -19,7 +19,6 @@ import numpy as np
 
 from reclm_jax import config
 from reclm_jax.eval.rewards import answer_rewards
-from reclm_jax.rl import rollout
 from reclm_jax.rl.config import PPOConfig
 from reclm_jax.rl.trainer import build
 
@@ -39,8 +38,7 @@ def main() -> None:
     trainer, stream = build(cfg)
     prompts = next(stream)
     r = cfg.rollout
-    gen = rollout.sample(trainer.base, trainer.state.params["actor"], prompts, jax.random.key(cfg.seed),
-                         model_cfg=trainer.model_cfg, actor_cfg=trainer.actor_cfg, rollout=r, policy=trainer.policy)
+    gen = trainer.sample(trainer.state.params["actor"], prompts, jax.random.key(cfg.seed))
     scorer = trainer.scorer
     owners = [p for p in prompts for _ in range(r.responses_per_prompt)]
     _, _, ids, flags = scorer.parse(owners, [gen.tokens[i, :gen.lengths[i]].tolist() for i in range(len(owners))])

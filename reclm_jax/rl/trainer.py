@@ -102,6 +102,11 @@ class PPOTrainer:
         self.automaton = (catalogue_automaton(scorer.catalogue.titles, policy.tokenizer)
                           if cfg.rollout.constrain == "catalogue" else None)
 
+    def sample(self, actor: Params, prompts: list[rollout.Prompt], key: jax.Array):
+        """The step's rollouts of `prompts` under adapter `actor` (`rollout.sample` with this run's settings)."""
+        return rollout.sample(self.base, actor, prompts, key, model_cfg=self.model_cfg, actor_cfg=self.actor_cfg,
+                              rollout=self.cfg.rollout, policy=self.policy, automaton=self.automaton)
+
     def step(self, state: TrainState, prompts: list[rollout.Prompt]) -> tuple[TrainState, dict[str, Any]]:
         """Sample, score and update on `prompts` (rollout.prompts_per_step of them) as step number state.step."""
         r = self.cfg.rollout
@@ -109,8 +114,7 @@ class PPOTrainer:
             raise ValueError(f"step needs rollout.prompts_per_step={r.prompts_per_step} prompts, got {len(prompts)}")
         sample_key, update_key = jax.random.split(jax.random.fold_in(self.keys["steps"], int(state.step)))
         clock = [(time.perf_counter(), time.process_time())]
-        gen = rollout.sample(self.base, state.params["actor"], prompts, sample_key, model_cfg=self.model_cfg,
-                             actor_cfg=self.actor_cfg, rollout=r, policy=self.policy, automaton=self.automaton)
+        gen = self.sample(state.params["actor"], prompts, sample_key)
         clock.append((time.perf_counter(), time.process_time()))
         scores, stats = self.scorer.score(prompts, gen.tokens, gen.lengths, r.responses_per_prompt, self.policy.stop_ids)
         batch = rollout.build_batch(prompts, gen, scores, r.responses_per_prompt, self.policy.pad_id)
