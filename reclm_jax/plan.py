@@ -45,7 +45,7 @@ from reclm_jax.pipeline import PipelineConfig, stage_configs
 from reclm_jax.rl.config import PPOConfig
 from reclm_jax.rl import rollout
 from reclm_jax.rl.trainer import ppo_mesh
-from reclm_jax.rl.update import BATCH_KEYS, init_state, ppo_update
+from reclm_jax.rl.update import init_state, ppo_update
 from reclm_jax.sft import step as step_lib
 from reclm_jax.sft.config import SFTConfig
 from reclm_jax.tasks.batches import collate
@@ -203,8 +203,9 @@ def ppo_programs(cfg: Any, model_override: str | None) -> tuple[list[Program], l
     row_len = sampling.bucket(r.max_prompt_tokens + r.responses_per_prompt * r.max_new_tokens)
     split = jax.NamedSharding(mesh, jax.P(sharding.mesh_batch_axes(mesh)))
     empty = rollout.empty_batch(r.prompts_per_step, r.responses_per_prompt, row_len,
-                                sampling.bucket(r.max_new_tokens), pad_id=0)
-    batch = {k: jax.ShapeDtypeStruct(empty[k].shape, empty[k].dtype, sharding=split) for k in BATCH_KEYS}
+                                sampling.bucket(r.max_new_tokens), pad_id=0,
+                                mask_bytes=-(-model_cfg.vocab_size // 8) if r.constrain == "catalogue" else 0)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split) for k, v in empty.items()}
     key = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh):
         update = ppo_update.lower(

@@ -99,7 +99,8 @@ def test_random_model_answers_are_k_distinct_new_titles_that_follow_the_intent(m
         rows = auto.rows(ks, histories, intents, cats)
         prompts = [rng.integers(3, 1000, int(rng.integers(2, 12))).tolist() for _ in range(b)]
         out = sampling.generate(params, cfg, prompts, max_new_tokens=12 * 50, temperature=0.0 if batch == 0 else 1.5,
-                                rng=jax.random.key(batch), eos_ids=stop_token_ids(tokenizer), constraint=rows)
+                                rng=jax.random.key(batch), eos_ids=stop_token_ids(tokenizer), constraint=rows,
+                                keep_allowed=True)
         for row in range(b):
             assert out.tokens[row, out.lengths[row] - 1] in stop_token_ids(tokenizer), "the answer must end"
             text = tokenizer.decode(out.tokens[row, :out.lengths[row]].tolist(), skip_special_tokens=True)
@@ -115,10 +116,11 @@ def test_random_model_answers_are_k_distinct_new_titles_that_follow_the_intent(m
             assert not set(ids) & set(histories[row]), text
             assert _satisfies(intents[row], ids, cats, k) or (reason and len(ids) < k), (intents[row], text)
             assert len(ids) == k if reason is None else len(ids) <= k, (k, reason, text)
-            if row < 4:  # the host walk (what the vLLM processor runs) allows every token the device loop drew
+            if row < 4:  # the host walk (what the vLLM processor runs) allows exactly what the device loop did
                 walker = automaton.Walker(rows, row)
-                for token in out.tokens[row, :out.lengths[row]].tolist():
-                    assert token in walker.allowed()
+                for step, token in enumerate(out.tokens[row, :out.lengths[row]].tolist()):
+                    kept = np.unpackbits(out.allowed[row, step], count=cfg.vocab_size)  # the masks PPO trains on
+                    assert np.flatnonzero(kept).tolist() == sorted(walker.allowed()) and token in walker.allowed()
                     walker.advance(token)
                 assert walker.count == len(ids)
             checked += 1

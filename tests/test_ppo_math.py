@@ -53,6 +53,17 @@ def test_gae_by_hand():
     np.testing.assert_allclose(ret, [[0, 1.0, 2.0, 4.0, 0]], atol=1e-6)
 
 
+def test_group_advantages_by_hand():
+    # one prompt, three answers of returns 3, 0 and 6 (rewards spread over their tokens; padding carries junk)
+    r = np.array([[[1.0, 2.0, 7.0], [0.0, 0.0, 5.0], [6.0, 9.0, 9.0]]], np.float32)
+    m = np.array([[[1, 1, 0], [1, 0, 0], [1, 0, 0]]], np.float32)
+    # answer 0: 3 - (0 + 6) / 2 = 0; answer 1: 0 - (3 + 6) / 2 = -4.5; answer 2: 6 - (3 + 0) / 2 = 4.5
+    np.testing.assert_allclose(pm.group_advantages(r, m), [[[0, 0, 0], [-4.5, 0, 0], [4.5, 0, 0]]], atol=1e-6)
+    # two answers: each is judged against the other alone
+    two = pm.group_advantages(np.array([[[2.0, 1.0], [1.0, 0.0]]], np.float32), np.ones((1, 2, 2), np.float32))
+    np.testing.assert_allclose(two, [[[2.0, 2.0], [-2.0, -2.0]]], atol=1e-6)
+
+
 def test_whiten():
     x = np.array([[1.0, 2.0, 3.0, 100.0]], np.float32)
     m = np.array([[1, 1, 1, 0]], np.float32)

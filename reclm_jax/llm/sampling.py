@@ -52,6 +52,10 @@ class GenerationResult:
     tokens: np.ndarray  # [B, max_new_tokens] int32, pad_id after each row's length
     logprobs: np.ndarray  # [B, max_new_tokens] float32, 0 after each row's length
     lengths: np.ndarray  # [B] int32
+    # with a constraint and keep_allowed: the tokens each step allowed, bits packed along the vocabulary
+    # (`np.unpackbits(..., axis=-1, count=V)`), [B, max_new_tokens, ceil(V / 8)] uint8; what PPO needs to train
+    # the constrained policy (`rl.update`)
+    allowed: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,19 +122,21 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
     return token, jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "mode", "out_len"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "mode", "out_len", "keep_allowed"),
+                   donate_argnames=("cache",))
 def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], logits: jax.Array,
            positions: jax.Array, done: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array, eos_ids: jax.Array, max_new_tokens: jax.Array, pad_id: jax.Array,
            constraint: dict[str, jax.Array] | None = None, *,
-           cfg: LlamaConfig, lora_cfg: LoraConfig | None, mode: SamplingMode, out_len: int) -> dict[str, jax.Array]:
+           cfg: LlamaConfig, lora_cfg: LoraConfig | None, mode: SamplingMode, out_len: int,
+           keep_allowed: bool = False) -> dict[str, jax.Array]:
     """Sample up to `max_new_tokens` (<= out_len) tokens per row after a prefill.
 
     `logits` [B, V] predict each row's next token at RoPE position `positions` [B]; rows with `done` set
     emit nothing. Stops early once every row is done. `constraint` (`constrain.device_tables`): tokens outside
-    each row's catalogue automaton are masked out before sampling, inside the loop. Returns {"tokens",
-    "logprobs"} [B, out_len], "lengths" [B] and the final "cache" (returned so the donated
-    one is updated in place).
+    each row's catalogue automaton are masked out before sampling, inside the loop; with `keep_allowed` the
+    masks are returned too ("allowed" [B, out_len, ceil(V / 8)], bits packed). Returns {"tokens", "logprobs"}
+    [B, out_len], "lengths" [B] and the final "cache" (returned so the donated one is updated in place).
     """
     b = logits.shape[0]
 
@@ -139,6 +145,9 @@ def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], log
         if constraint is not None:
             allowed, walk = constrain.allowed_tokens(constraint, state["automaton"])
             logits = jnp.where(allowed, logits, -jnp.inf)
+            if keep_allowed:
+                state = {**state, "allowed": jax.lax.dynamic_update_slice(
+                    state["allowed"], jnp.packbits(allowed, axis=-1)[:, None], (0, state["step"], 0))}
         token, lp = sample_token(logits, sub, temperature, top_k, top_p, mode)
         live = ~state["done"]
         if constraint is not None:
@@ -170,9 +179,10 @@ def decode(params: Params, lora: Params | None, cache: dict[str, jax.Array], log
     }
     if constraint is not None:
         state["automaton"] = constrain.init_state(constraint)
+        if keep_allowed:
+            state["allowed"] = jnp.zeros((b, out_len, -(-logits.shape[-1] // 8)), jnp.uint8)
     state = jax.lax.while_loop(cond, body, emit(state, logits))
-    return {"tokens": state["tokens"], "logprobs": state["logprobs"], "lengths": state["lengths"],
-            "cache": state["cache"]}
+    return {k: state[k] for k in ("tokens", "logprobs", "lengths", "cache", "allowed") if k in state}
 
 
 def generate(
@@ -190,11 +200,12 @@ def generate(
     lora: Params | None = None,
     lora_cfg: LoraConfig | None = None,
     constraint: RowConstraints | None = None,
+    keep_allowed: bool = False,
 ) -> GenerationResult:
     """Sample continuations of `prompts` (token id lists); see the module docstring. With `constraint` (one
     row per prompt), every answer follows its row's catalogue automaton (`llm.constrain`); `logprobs` are then
-    those of the masked distribution the tokens were drawn from (PPO on constrained rollouts recomputes the
-    policy's own: `rl.config.RolloutConfig.constrain`)."""
+    those of the masked distribution the tokens were drawn from, and `keep_allowed` also returns each step's
+    mask (`GenerationResult.allowed`: PPO of the constrained policy, `rl.config.RolloutConfig.constrain`)."""
     if not prompts:
         raise ValueError("generate: prompts is empty")
     if any(len(p) == 0 for p in prompts):
@@ -215,6 +226,8 @@ def generate(
         raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's max_position_embeddings {cfg.max_position_embeddings}")
     stop = set(eos_ids) if eos_ids is not None else {cfg.eos_token_id}
+    if keep_allowed and constraint is None:
+        raise ValueError("generate: keep_allowed needs a constraint (without one every token is allowed)")
     if constraint is not None:
         if len(constraint.k) != len(prompts):
             raise ValueError(f"generate: {len(constraint.k)} constraint rows for {len(prompts)} prompts")
@@ -242,12 +255,12 @@ def generate(
             rng if rng is not None else jax.random.key(0), jnp.float32(temperature or 1.0), jnp.int32(top_k),
             jnp.float32(top_p), jnp.asarray(stop, jnp.int32), jnp.int32(max_new_tokens), jnp.int32(pad_id),
             None if constraint is None else constrain.device_tables(constraint, batch, cfg.vocab_size, mesh),
-            cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len,
+            cfg=cfg, lora_cfg=lora_cfg, mode=mode, out_len=out_len, keep_allowed=keep_allowed,
         )
     out = {k: v for k, v in out.items() if k != "cache"}
     # Several processes: each holds its devices' rows; every process gets all of them.
     out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else jax.device_get(out)
     return GenerationResult(
         tokens=out["tokens"][:n, :max_new_tokens], logprobs=out["logprobs"][:n, :max_new_tokens],
-        lengths=out["lengths"][:n],
+        lengths=out["lengths"][:n], allowed=out["allowed"][:n, :max_new_tokens] if keep_allowed else None,
     )

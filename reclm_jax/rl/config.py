@@ -65,11 +65,11 @@ class RolloutConfig(Section):
     # case and cut-off annotations, so an invented suffix ("Heat (3)") is never penalised
     title_match: Literal["strict", "lenient"] = "strict"
     fuzzy_titles: bool = False  # also match titles within Levenshtein distance 3 (the official code's option)
-    # "catalogue": sample under catalogue-constrained decoding (`llm.constrain`: exactly k distinct catalogue
-    # titles outside the history), so that no sampled list has an invented title, a repeat or a wrong count and
-    # the rewards differ only in what the lists recommend (teacher scores, the instruction). The policy trained
-    # is the unconstrained one (needs ppo.recompute_logprobs: the ratio and KL use its own log-probs). Measured in
-    # REPRODUCTION.md's experiment 8, it harmed: nothing keeps the policy's mass off what the mask hides.
+    # "catalogue": train the constrained policy: rollouts are sampled under catalogue-constrained decoding
+    # (`llm.constrain`: exactly k distinct catalogue titles outside the history) and the update's ratio, KL and
+    # entropy are those of the masked distributions the tokens were drawn from (`rl.update`), so rewards differ
+    # only in what the lists recommend and the trained policy is the one that serves them (decode it with
+    # `--constrain catalogue`). Costs the masks, V / 8 bytes a sampled token.
     constrain: Literal["none", "catalogue"] = "none"
 
 
@@ -92,6 +92,11 @@ class PPOHyper(Section):
     # forward pass (one more no-grad forward per step), so that ratio and KL compare log-probs of one code
     # path; worth it in bfloat16, where the KV-cache decode and the full forward round differently.
     recompute_logprobs: bool = False
+    # What an answer's advantage is measured against. "critic": GAE with the critic's values (the paper).
+    # "group": the mean return of the other answers to the same prompt, on every token of the answer (leave-one-out,
+    # as RLOO and GRPO do; rollout.responses_per_prompt >= 2): what a prompt gives all its answers alike cancels,
+    # which a freshly initialised critic cannot do in a short run. The critic is still trained.
+    baseline: Literal["critic", "group"] = "critic"
 
 
 @dataclass(frozen=True)
@@ -134,10 +139,9 @@ class PPOConfig(Section):
                              "mesh.data and mesh.fsdp, and the base over mesh.fsdp")
         if self.optim.schedule != "constant":
             raise ValueError(f"optim.schedule must be 'constant' for PPO, got {self.optim.schedule!r}")
-        if self.rollout.constrain != "none" and not self.ppo.recompute_logprobs:
-            raise ValueError(f"rollout.constrain = {self.rollout.constrain!r} needs ppo.recompute_logprobs = true: "
-                             "the sampler's log-probs are those of the constrained distribution, while PPO's ratio "
-                             "and KL compare the policy's own")
+        if self.ppo.baseline == "group" and self.rollout.responses_per_prompt < 2:
+            raise ValueError("ppo.baseline = 'group' compares the answers to one prompt: it needs "
+                             f"rollout.responses_per_prompt >= 2, got {self.rollout.responses_per_prompt}")
         if self.rollout.prompts_per_step % self.ppo.minibatches:
             raise ValueError(f"rollout.prompts_per_step = {self.rollout.prompts_per_step} must divide into "
                              f"ppo.minibatches = {self.ppo.minibatches} (a minibatch takes whole prompts, each "

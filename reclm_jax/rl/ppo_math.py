@@ -59,6 +59,17 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
     return adv, (adv + values) * mask
 
 
+def group_advantages(rewards: jax.Array, mask: jax.Array) -> jax.Array:
+    """Leave-one-out advantages of k >= 2 responses to each prompt, rewards and mask [G, k, R]: response i's
+    return (the sum of its per-token rewards) minus the mean return of the prompt's other responses, on every
+    token of response i. What a prompt gives all its answers alike (a user whose lists the teacher scores high)
+    cancels; what is left is how this answer did against its siblings."""
+    totals = (rewards * mask).sum(-1)  # [G, k]
+    k = totals.shape[1]
+    baseline = (totals.sum(1, keepdims=True) - totals) / (k - 1)
+    return (totals - baseline)[..., None] * mask
+
+
 def policy_loss(
     logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, mask: jax.Array, clip_eps: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -71,13 +71,13 @@ def sample(base, actor, prompts: Sequence[Prompt], key: jax.Array, *, model_cfg:
            automaton: Automaton | None = None) -> sampling.GenerationResult:
     """`rollout.responses_per_prompt` sampled responses per prompt from the policy (base + actor LoRA); with
     `automaton` (the catalogue's, `rollout.constrain: catalogue`), each a list of exactly k distinct catalogue
-    titles outside the prompt's history."""
+    titles outside the prompt's history, drawn from the constrained policy, whose masks come back with it."""
     owners = [p for p in prompts for _ in range(rollout.responses_per_prompt)]
     constraint = None if automaton is None else automaton.rows([p.k for p in owners], [p.history for p in owners])
     return sampling.generate(base, model_cfg, [list(p.tokens) for p in owners], max_new_tokens=rollout.max_new_tokens,
                              temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p, rng=key,
                              eos_ids=policy.stop_ids, pad_id=policy.pad_id, lora=actor, lora_cfg=actor_cfg,
-                             constraint=constraint)
+                             constraint=constraint, keep_allowed=constraint is not None)
 
 
 class Scorer:
@@ -143,11 +143,13 @@ class Scorer:
 
 
 def empty_batch(prompts: int, responses_per_prompt: int, row_len: int, response_len: int,
-                pad_id: int) -> dict[str, np.ndarray]:
+                pad_id: int, mask_bytes: int = 0) -> dict[str, np.ndarray]:
     """The `update.ppo_update` batch layout (see there), all padding: one row of `row_len` tokens per prompt,
-    per-token arrays [prompts, responses_per_prompt, response_len]."""
+    per-token arrays [prompts, responses_per_prompt, response_len]; with `mask_bytes`, also the constrained
+    policy's per-token masks of that many bytes (nothing allowed)."""
     rows, per_token = (prompts, row_len), (prompts, responses_per_prompt, response_len)
-    return {
+    masks = {"allowed": np.zeros((*per_token, mask_bytes), np.uint8)} if mask_bytes else {}
+    return masks | {
         "tokens": np.full(rows, pad_id, np.int32),
         "positions": np.zeros(rows, np.int32),
         "segment_ids": np.full(rows, -1, np.int32),
@@ -164,11 +166,16 @@ def build_batch(prompts: Sequence[Prompt], gen: sampling.GenerationResult, score
     """The `update.ppo_update` batch: each prompt once, followed by its responses, in one row (the responses
     attend to the prompt and to themselves only, so the prompt's tokens are computed once, not once per response).
     The row length is `sampling.bucket` of the longest row and the response width that of the longest response,
-    so a run compiles the update for a few shapes only."""
+    so a run compiles the update for a few shapes only. Rollouts of the constrained policy (`gen.allowed`) carry
+    each token's mask as "allowed"."""
     k = responses_per_prompt
     lengths = np.asarray(gen.lengths)
     row_len = sampling.bucket(max(len(p.tokens) + int(lengths[g * k:(g + 1) * k].sum()) for g, p in enumerate(prompts)))
-    out = empty_batch(len(prompts), k, row_len, sampling.bucket(max(1, int(lengths.max()))), pad_id)
+    sources = {"targets": gen.tokens, "logprobs": gen.logprobs, "scores": scores}
+    if gen.allowed is not None:
+        sources["allowed"] = gen.allowed
+    out = empty_batch(len(prompts), k, row_len, sampling.bucket(max(1, int(lengths.max()))), pad_id,
+                      0 if gen.allowed is None else gen.allowed.shape[-1])
     for g, prompt in enumerate(prompts):
         start = len(prompt.tokens)
         out["tokens"][g, :start] = prompt.tokens
@@ -183,7 +190,7 @@ def build_batch(prompts: Sequence[Prompt], gen: sampling.GenerationResult, score
             out["segment_ids"][g, row] = i + 1
             # response token j is predicted by the state before it: the prompt's last token for j = 0
             out["predict_at"][g, i, :length] = np.r_[len(prompt.tokens) - 1, np.arange(row.start, row.stop - 1)]
-            for key, source in (("targets", gen.tokens), ("logprobs", gen.logprobs), ("scores", scores)):
+            for key, source in sources.items():
                 out[key][g, i, :length] = source[n, :length]
             out["response_mask"][g, i, :length] = 1
             start = row.stop

@@ -23,7 +23,13 @@ the prompt's tokens are computed once for all k. For G prompts, k responses and 
     response_mask [G, k, R] f32    1 on the sampled tokens (the stop token included)
     logprobs [G, k, R] f32         log pi(y_t) of each sampled token at sampling time (temperature 1)
     scores [G, k, R] f32           the placed rule rewards: R_item on each item's last token, 10 R_list on the last
+    allowed [G, k, R, V/8] uint8   only for rollouts of the constrained policy (`rollout.constrain`): the tokens
+                                   the sampler allowed at each step, bits packed along the vocabulary
 Values are read from the same hidden states as the logits that predict the token.
+
+With "allowed", every distribution of the update (policy, old policy, reference; ratio, KL and entropy) is
+the constrained one, softmax over the allowed tokens only: PPO then trains the policy that samples and serves
+the lists, and its gradient moves mass only among continuations that the constraint leaves open.
 
 The update, all inside one jit: reference log-probs and critic values of the batch (in minibatch chunks, no
 gradient), and with `recompute_logprobs` the policy's log-probs too (replacing the sampler's, see PPOHyper);
@@ -56,6 +62,8 @@ from reclm_jax.training.state import TrainState
 
 Params = dict[str, Any]
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "predict_at", "targets", "response_mask", "logprobs", "scores")
+MASK_KEY = "allowed"  # the optional masks of constrained rollouts
+NOT_ALLOWED = -1e9  # a finite floor, so that entropy's 0 x log 0 terms stay 0 (-inf would give NaN)
 
 
 def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOConfig) -> TrainState:
@@ -70,7 +78,8 @@ def init_state(key: jax.Array, base: Params, model_cfg: LlamaConfig, cfg: PPOCon
 
 
 def _response_forward(base, model_cfg, mb, adapter, adapter_cfg, rng=None):
-    """(logits [G, k, R, V], hidden [G, k, R, D]) at the states that predict the response tokens of `mb`.
+    """(logits [G, k, R, V], hidden [G, k, R, D]) at the states that predict the response tokens of `mb`; with
+    masks (`MASK_KEY`) the tokens not allowed get logit `NOT_ALLOWED`, so every softmax is the constrained one.
 
     Logits are computed for those states only: the model's all-position logits are unused, so XLA drops them
     (over a 512-token prompt and a 32k-50k vocabulary they would dominate the update's cost)."""
@@ -80,7 +89,11 @@ def _response_forward(base, model_cfg, mb, adapter, adapter_cfg, rng=None):
                                  dropout_rng=rng)
     at = mb["predict_at"]
     hidden = jnp.take_along_axis(hidden, at.reshape(at.shape[0], -1)[..., None], axis=1).reshape(*at.shape, -1)
-    return model.lm_logits(base, model_cfg, hidden, adapter, adapter_cfg, rng), hidden
+    logits = model.lm_logits(base, model_cfg, hidden, adapter, adapter_cfg, rng)
+    if MASK_KEY in mb:
+        allowed = jnp.unpackbits(mb[MASK_KEY], axis=-1, count=logits.shape[-1]).astype(bool)
+        logits = jnp.where(allowed, logits, NOT_ALLOWED)
+    return logits, hidden
 
 
 def _gather_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -103,8 +116,8 @@ def score_batch(base, trainable, batch, *, model_cfg, actor_cfg, critic_cfg, chu
             out["policy"] = logprobs(trainable["actor"], actor_cfg)
         return out
 
-    keys = ("tokens", "positions", "segment_ids", "predict_at", "targets")
-    chunked = {k: _interleave(batch[k], chunks) for k in keys}
+    keys = ("tokens", "positions", "segment_ids", "predict_at", "targets", MASK_KEY)
+    chunked = {k: _interleave(batch[k], chunks) for k in keys if k in batch}
     return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), jax.lax.map(one, chunked))
 
 
@@ -134,8 +147,9 @@ def minibatches(data: dict[str, jax.Array], key: jax.Array, m: int, shards: int)
 
 
 def advantages(batch, ref_logprobs, values, hyper: PPOHyper):
-    """Per-token rewards (Eq. 6), optionally whitened; GAE; whitened advantages. All shaped like the response
-    mask ([..., R], one row of R per response)."""
+    """Per-token rewards (Eq. 6), optionally whitened; GAE (or with `hyper.baseline` "group", leave-one-out
+    advantages among a prompt's responses); whitened advantages; GAE's returns. All shaped like the response
+    mask ([G, k, R])."""
     shape = batch["response_mask"].shape
     rows = lambda x: x.reshape(-1, shape[-1])  # noqa: E731
     mask = rows(batch["response_mask"])
@@ -143,7 +157,9 @@ def advantages(batch, ref_logprobs, values, hyper: PPOHyper):
                                    hyper.kl_coef)
     if hyper.whiten_rewards:
         rewards = pm.masked_whiten(rewards, mask, shift_mean=False)
-    adv, returns = pm.gae(rewards, rows(values), mask, hyper.gamma, hyper.lam)
+    adv, returns = pm.gae(rewards, rows(values), mask, hyper.gamma, hyper.lam)  # the returns train the critic
+    if hyper.baseline == "group":
+        adv = rows(pm.group_advantages(rewards.reshape(shape), batch["response_mask"]))
     return tuple(x.reshape(shape) for x in (pm.masked_whiten(adv, mask), returns, kl))
 
 
@@ -169,7 +185,7 @@ def ppo_update(base: Params, state: TrainState, batch: dict[str, jax.Array], key
                optim: OptimConfig, shards: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One PPO step on a rollout batch; see the module docstring. Returns the new state and scalar metrics.
     `shards`: the batch's split over devices (`sharding.batch_shards(mesh)`), which the minibatches keep."""
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    batch = {k: batch[k] for k in (*BATCH_KEYS, MASK_KEY) if k in batch}
     n = batch["tokens"].shape[0]
     m = hyper.minibatches
     if n % m:
